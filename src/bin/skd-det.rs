@@ -1,0 +1,36 @@
+//! `skd-det`: FCOS object detection with structured knowledge distillation.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Train and evaluate FCOS students distilled through the shared loss module.
+#[derive(Parser)]
+#[command(name = "skd-det", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train an FCOS student (or teacher) on a COCO-format dataset.
+    Train,
+    /// Score a detections file, or run a checkpoint on a split (COCO box AP).
+    Eval,
+    /// Write a synthetic COCO-format dataset.
+    Synth,
+}
+
+fn main() -> ExitCode {
+    // SAFETY: first statement of main; no other thread exists yet.
+    unsafe { skd::enable_double_backward() };
+    let cli = Cli::parse();
+    let name = match cli.command {
+        Command::Train => "train",
+        Command::Eval => "eval",
+        Command::Synth => "synth",
+    };
+    eprintln!("skd-det {name}: not implemented yet (tracked in issue #6)");
+    ExitCode::from(2)
+}

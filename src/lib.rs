@@ -1,0 +1,24 @@
+//! # skd — structured knowledge distillation for dense prediction, on Candle
+//!
+//! A reproduction of Liu et al., "Structured Knowledge Distillation for Semantic
+//! Segmentation" (CVPR 2019) and its extension to detection. See `ARCHITECTURE.md` for the
+//! map of the crate; the arrows point one way:
+//!
+//! ```text
+//! bin/skd-seg, bin/skd-det  ->  seg/, det/ (tasks)  ->  distill/ (DenseOutputs -> Losses)  ->  nn/
+//! ```
+#![doc = include_str!("../README.md")]
+
+pub mod distill;
+pub mod nn;
+pub mod seg;
+
+/// Sets `CANDLE_GRAD_DO_NOT_DETACH=1`, which Candle reads once per thread at the first backward
+/// and which the WGAN-GP gradient penalty needs (double backward).
+///
+/// # Safety
+/// Call at the start of `main`, before any other thread exists (see [`std::env::set_var`]).
+pub unsafe fn enable_double_backward() {
+    // SAFETY: the caller guarantees no other thread reads the environment concurrently.
+    unsafe { std::env::set_var("CANDLE_GRAD_DO_NOT_DETACH", "1") };
+}

@@ -1,0 +1,25 @@
+//! Layers and ops that Candle lacks, each with a backward on every device (built from
+//! differentiable Candle ops; see DESIGN.md §4 and `ARCHITECTURE.md`).
+
+pub mod attention;
+pub mod conv;
+pub mod dropout;
+pub mod pool;
+pub mod resize;
+pub mod rng;
+pub mod spectral_norm;
+
+pub use attention::SelfAttention;
+pub use dropout::Dropout2d;
+pub use pool::{MaxPool2d, pool_out_size};
+pub use resize::{adaptive_avg_pool2d, avg_pool2d_ceil, resize_bilinear};
+pub use rng::SplitMix64;
+pub use spectral_norm::SpectralNormConv2d;
+
+/// Whether a state-dict key names a buffer (state that is saved but never trained): BatchNorm
+/// running statistics and the spectral-norm power-iteration vectors.
+pub fn is_buffer(key: &str) -> bool {
+    ["running_mean", "running_var", "num_batches_tracked", "weight_u", "weight_v"]
+        .iter()
+        .any(|suffix| key.rsplit('.').next() == Some(*suffix))
+}

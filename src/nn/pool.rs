@@ -1,0 +1,148 @@
+//! Max pooling with any kernel, stride, padding and PyTorch's `ceil_mode`, with a backward.
+//!
+//! Candle's `max_pool2d_with_stride` has a backward only when kernel == stride and takes no
+//! padding; the ResNet stem needs 3x3/s2/p1/ceil and the pair-wise term needs kernel = stride
+//! with a ceil-mode partial last window. Here every window is laid out along a last axis
+//! (`[B, C, OH, OW, K]`), the maximum is taken with `argmax` + `gather`, and `gather`'s backward
+//! sends the whole gradient to the **first** maximal element of each window in row-major
+//! order, exactly as PyTorch's kernel does (candle's `max` would copy it to every tied element).
+//! Padding is `-inf`, so it never wins.
+
+use candle_core::{D, Module, Result, Tensor};
+
+/// Output length of PyTorch max/avg pooling (dilation 1), including the ceil-mode rule that
+/// drops a last window starting inside the right padding.
+pub fn pool_out_size(len: usize, kernel: usize, stride: usize, padding: usize, ceil_mode: bool) -> Result<usize> {
+    if kernel == 0 || stride == 0 {
+        candle_core::bail!("pooling needs kernel and stride >= 1, got kernel {kernel}, stride {stride}");
+    }
+    if 2 * padding > kernel {
+        candle_core::bail!("pooling padding {padding} must be at most half the kernel {kernel}");
+    }
+    let span = len + 2 * padding;
+    if span < kernel {
+        candle_core::bail!("pooling kernel {kernel} is larger than the padded input {span}");
+    }
+    let num = span - kernel;
+    let mut out = if ceil_mode { num.div_ceil(stride) + 1 } else { num / stride + 1 };
+    if ceil_mode && (out - 1) * stride >= len + padding {
+        out -= 1;
+    }
+    Ok(out)
+}
+
+/// `nn.MaxPool2d(kernel, stride, padding, ceil_mode=..)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxPool2d {
+    kernel: (usize, usize),
+    stride: (usize, usize),
+    padding: (usize, usize),
+    ceil_mode: bool,
+}
+
+impl MaxPool2d {
+    pub fn new(kernel: (usize, usize), stride: (usize, usize), padding: (usize, usize), ceil_mode: bool) -> Self {
+        Self { kernel, stride, padding, ceil_mode }
+    }
+
+    /// The ResNet stem pool: 3x3, stride 2, padding 1, ceil mode.
+    pub fn stem() -> Self {
+        Self::new((3, 3), (2, 2), (1, 1), true)
+    }
+
+    /// Output `(OH, OW)` for an `h x w` input.
+    pub fn output_hw(&self, h: usize, w: usize) -> Result<(usize, usize)> {
+        Ok((
+            pool_out_size(h, self.kernel.0, self.stride.0, self.padding.0, self.ceil_mode)?,
+            pool_out_size(w, self.kernel.1, self.stride.1, self.padding.1, self.ceil_mode)?,
+        ))
+    }
+}
+
+/// Pads `x` along `dim` with `before` and `after` entries of `-inf`.
+fn pad_neg_inf(x: &Tensor, dim: usize, before: usize, after: usize) -> Result<Tensor> {
+    if before == 0 && after == 0 {
+        return Ok(x.clone());
+    }
+    let mut parts = Vec::with_capacity(3);
+    let mut dims = x.dims().to_vec();
+    if before > 0 {
+        dims[dim] = before;
+        parts.push(Tensor::full(f32::NEG_INFINITY, dims.as_slice(), x.device())?.to_dtype(x.dtype())?);
+    }
+    parts.push(x.clone());
+    if after > 0 {
+        dims[dim] = after;
+        parts.push(Tensor::full(f32::NEG_INFINITY, dims.as_slice(), x.device())?.to_dtype(x.dtype())?);
+    }
+    Tensor::cat(&parts, dim)
+}
+
+impl Module for MaxPool2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let (oh, ow) = self.output_hw(h, w)?;
+        let ((kh, kw), (sh, sw), (ph, pw)) = (self.kernel, self.stride, self.padding);
+        // Enough rows/cols for every window and for the strided views below.
+        let hp = (ph + h).max(sh * oh + kh - 1);
+        let wp = (pw + w).max(sw * ow + kw - 1);
+        let xp = pad_neg_inf(x, 2, ph, hp - ph - h)?;
+        let xp = pad_neg_inf(&xp, 3, pw, wp - pw - w)?;
+        let windows = if (kh, kw) == (sh, sw) {
+            // Non-overlapping windows: a reshape. [B, C, OH*KH, OW*KW] -> [B, C, OH, OW, KH*KW]
+            xp.narrow(2, 0, oh * kh)?
+                .narrow(3, 0, ow * kw)?
+                .reshape((b, c, oh, kh, ow, kw))?
+                .permute((0, 1, 2, 4, 3, 5))?
+                .reshape((b, c, oh, ow, kh * kw))?
+        } else {
+            // One strided view per kernel offset (dy, dx), row-major: [B, C, OH, OW] each.
+            let mut views = Vec::with_capacity(kh * kw);
+            for dy in 0..kh {
+                for dx in 0..kw {
+                    // [B, C, OH*SH, OW*SW] -> [B, C, OH, SH, OW, SW] -> element 0 of each stride
+                    let v = xp
+                        .narrow(2, dy, oh * sh)?
+                        .narrow(3, dx, ow * sw)?
+                        .reshape((b, c, oh, sh, ow, sw))?
+                        .narrow(3, 0, 1)?
+                        .narrow(5, 0, 1)?
+                        .reshape((b, c, oh, ow))?;
+                    views.push(v);
+                }
+            }
+            Tensor::stack(&views, 4)?
+        };
+        let first_max = windows.argmax_keepdim(D::Minus1)?;
+        windows.contiguous()?.gather(&first_max, D::Minus1)?.squeeze(D::Minus1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn out_size_follows_pytorch_ceil_rule() -> Result<()> {
+        assert_eq!(pool_out_size(65, 32, 32, 0, true)?, 3);
+        assert_eq!(pool_out_size(64, 32, 32, 0, true)?, 2);
+        assert_eq!(pool_out_size(34, 3, 2, 1, true)?, 18);
+        assert_eq!(pool_out_size(33, 3, 2, 1, true)?, 17);
+        // 256 -> 129 after the stem conv; the pool gives 65 (a 512 crop's 65x65 logits).
+        assert_eq!(pool_out_size(256, 3, 2, 1, true)?, 129);
+        assert!(pool_out_size(2, 3, 1, 0, true).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn tied_maxima_send_the_gradient_to_the_first_only() -> Result<()> {
+        // A window of equal values (ReLU zeros): torch.max_pool2d's backward credits the first.
+        let x = Var::from_tensor(&Tensor::zeros((1, 1, 2, 2), candle_core::DType::F32, &Device::Cpu)?)?;
+        let y = MaxPool2d::new((2, 2), (2, 2), (0, 0), true).forward(&x)?;
+        let g = y.sum_all()?.backward()?;
+        let gx = g.get(&x).expect("grad").flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(gx, vec![1.0, 0.0, 0.0, 0.0]);
+        Ok(())
+    }
+}
