@@ -9,9 +9,11 @@
 //! ```
 #![doc = include_str!("../README.md")]
 
+pub mod backbone;
 pub mod distill;
 pub mod nn;
 pub mod seg;
+pub mod weights;
 
 /// Sets `CANDLE_GRAD_DO_NOT_DETACH=1`, which Candle reads once per thread at the first backward
 /// and which the WGAN-GP gradient penalty needs (double backward).

@@ -11,10 +11,12 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use serde_json::Value;
+use skd::backbone::{Block, ResNetConfig, Stem};
 use skd::distill::holistic::{Adversarial, HolisticConfig, critic_adv_loss, generator_adv_loss, gradient_penalty};
 use skd::distill::{Holistic, NodePool, PixelWiseLoss, pair_wise, pixel_wise_loss};
 use skd::nn::{MaxPool2d, adaptive_avg_pool2d, resize_bilinear};
-use skd::seg::{SegLoss, cross_entropy_upsampled};
+use skd::seg::{PspConfig, PspNet, SegLoss, WeightsSource, cross_entropy_upsampled};
+use skd::weights::{self, BnConvention, KeyLayout, LoadMode, StateDict};
 
 /// Losses and forward values of losses.
 const LOSS: f64 = 1e-5;
@@ -22,11 +24,13 @@ const LOSS: f64 = 1e-5;
 const GRAD: f64 = 1e-4;
 /// Primitives (pooling, resize): values and gradients; critic outputs, u/v and BN statistics.
 const PRIM: f64 = 1e-5;
+/// Network forward values (logits, features, intermediates), train-step losses and statistics.
+const NET: f64 = 1e-4;
+/// Network parameter gradients.
+const NET_GRAD: f64 = 1e-3;
 
 /// Kinds whose checks land with later issues: kind -> issue.
 const PENDING: &[(&str, &str)] = &[
-    ("pspnet_forward", "networks (#3)"),
-    ("pspnet_train_step", "networks (#3)"),
     ("fcos_targets", "FCOS (#6)"),
     ("fcos_loss", "FCOS (#6)"),
     ("fcos_postprocess", "FCOS (#6)"),
@@ -34,6 +38,7 @@ const PENDING: &[(&str, &str)] = &[
 ];
 
 struct Golden {
+    dir: PathBuf,
     kind: String,
     params: Value,
     tensors: HashMap<String, Tensor>,
@@ -55,7 +60,8 @@ impl Golden {
             None => Value::Null,
         };
         let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| format!("{e}"))?;
-        Ok(Self { kind, params, tensors })
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Ok(Self { dir, kind, params, tensors })
     }
 
     fn t(&self, name: &str) -> Result<&Tensor> {
@@ -266,6 +272,139 @@ fn check_discriminator(g: &Golden, c: &mut Checker) -> Result<()> {
     check_uv(g, c, &h, if wgan { 4 } else { 3 })
 }
 
+/// The network a `pspnet_*` golden describes (its `model.config`).
+fn golden_pspnet_config(g: &Golden) -> Result<PspConfig> {
+    let p = &g.params;
+    let block = match p["block"].as_str() {
+        Some("basic") => Block::Basic,
+        Some("bottleneck") => Block::Bottleneck,
+        other => candle_core::bail!("unknown block {other:?}"),
+    };
+    let stem = match p["stem"].as_str() {
+        Some("deep") => Stem::Deep,
+        Some("7x7") => Stem::Conv7x7,
+        other => candle_core::bail!("unknown stem {other:?}"),
+    };
+    let layers: Vec<usize> =
+        p["layers"].as_array().into_iter().flatten().filter_map(|v| v.as_u64()).map(|v| v as usize).collect();
+    let bins = p["bins"].as_array().into_iter().flatten().filter_map(|v| v.as_u64()).map(|v| v as usize).collect();
+    let cfg = PspConfig {
+        backbone: ResNetConfig {
+            block,
+            layers: layers.try_into().map_err(|l| candle_core::Error::Msg(format!("layers {l:?}")))?,
+            width: g.f64("width")?,
+            stem,
+            stem_width: g.f64("stem_width")?,
+            output_stride: 8,
+        },
+        num_classes: g.usize("num_classes")?,
+        psp_out: g.usize("psp_out")?,
+        bins,
+        dsn_mid: if p["dsn"].as_bool() == Some(true) { Some(g.usize("dsn_mid")?) } else { None },
+        dropout: g.f64("dropout")?,
+    };
+    Ok(cfg)
+}
+
+/// The `param.*` tensors of a golden file as a state dict.
+fn param_state_dict(g: &Golden, source: &str) -> StateDict {
+    let tensors =
+        g.tensors.iter().filter_map(|(k, t)| k.strip_prefix("param.").map(|k| (k.to_string(), t.clone()))).collect();
+    StateDict { source: source.to_string(), tensors, metadata: HashMap::new() }
+}
+
+fn check_pspnet_forward(g: &Golden, c: &mut Checker) -> Result<()> {
+    let cfg = golden_pspnet_config(g)?;
+    let dev = Device::Cpu;
+    let expected = skd::seg::weights::expected_params(&cfg)?;
+    let n_params: usize =
+        expected.iter().filter(|(k, _)| !skd::nn::is_buffer(k)).map(|(_, s)| s.iter().product::<usize>()).sum();
+    assert_eq!(n_params, g.usize("num_params")?, "parameter count");
+    let net = match g.params["pth_file"].as_str() {
+        // The released conventions (InPlace-ABN γ with random signs), through the real loader.
+        Some(pth) => {
+            let path = g.dir.join(pth);
+            let converted = weights::read_file(&path)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+                .convert(KeyLayout::Skd, BnConvention::InplaceAbn)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            for (key, want) in param_state_dict(g, "golden").tensors {
+                let got =
+                    converted.tensors.get(&key).ok_or_else(|| candle_core::Error::Msg(format!("{pth} lacks {key}")))?;
+                let same = got.flatten_all()?.to_vec1::<f32>()? == want.flatten_all()?.to_vec1::<f32>()?;
+                assert!(same, "{pth}: {key} is not bit-exact after the InPlace-ABN conversion");
+            }
+            let src = WeightsSource {
+                path: path.display().to_string(),
+                layout: KeyLayout::Skd,
+                bn: BnConvention::InplaceAbn,
+            };
+            skd::seg::weights::load_frozen(&cfg, &src, &dev).map_err(|e| candle_core::Error::Msg(e.to_string()))?.0
+        }
+        None => {
+            let mut sd = param_state_dict(g, "golden");
+            sd.check(&expected, LoadMode::Strict).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            PspNet::new(
+                &cfg,
+                candle_nn::VarBuilder::from_tensors(
+                    sd.into_tensors(&dev).map_err(|e| candle_core::Error::Msg(e.to_string()))?,
+                    DType::F32,
+                    &dev,
+                ),
+            )?
+        }
+    };
+    let out = net.forward_t(g.t("input.x")?, false)?;
+    c.close(g, "out.stem", &out.backbone.stem, NET)?;
+    for (i, x) in out.backbone.layers.iter().enumerate() {
+        c.close(g, &format!("out.x{}", i + 1), x, NET)?;
+    }
+    c.close(g, "out.psp_feature", &out.feature, NET)?;
+    c.close(g, "out.logits", &out.logits, NET)?;
+    if let Some(aux) = &out.aux_logits {
+        c.close(g, "out.dsn_logits", aux, NET)?;
+    }
+    let (_, _, h, w) = g.t("input.x")?.dims4()?;
+    assert_eq!(cfg.output_hw(h, w)?, g.pair("output_hw")?, "output size");
+    Ok(())
+}
+
+fn check_pspnet_train_step(g: &Golden, c: &mut Checker) -> Result<()> {
+    let cfg = golden_pspnet_config(g)?;
+    let weights_file =
+        g.params["weights_file"].as_str().ok_or_else(|| candle_core::Error::Msg("no weights_file".into()))?;
+    let w = Golden::load(&g.dir.join(weights_file)).map_err(candle_core::Error::Msg)?;
+    let dev = Device::Cpu;
+    let varmap = candle_nn::VarMap::new();
+    let net = PspNet::new(&cfg, candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
+    let mut sd = param_state_dict(&w, weights_file);
+    let expected = skd::seg::weights::expected_params(&cfg)?;
+    sd.check(&expected, LoadMode::Strict).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    sd.load_into(&varmap).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+
+    let out = net.forward_t(g.t("input.x")?, true)?;
+    let labels = g.t("input.labels")?;
+    let seg = SegLoss { aux_weight: g.f64("aux_weight")?, ignore: g.usize("ignore_index")? as u32 };
+    let aux = out.aux_logits.as_ref().expect("the golden network has a DSN head");
+    c.close(g, "out.logits", &out.logits, NET)?;
+    c.close(g, "out.dsn_logits", aux, NET)?;
+    c.close(g, "out.ce_main", &cross_entropy_upsampled(&out.logits, labels, seg.ignore)?, NET)?;
+    c.close(g, "out.ce_aux", &cross_entropy_upsampled(aux, labels, seg.ignore)?, NET)?;
+    let loss = seg.losses(&out.logits, Some(aux), labels)?.total()?;
+    c.close(g, "out.loss", &loss, NET)?;
+    let grads = loss.backward()?;
+    let data = varmap.data().lock().expect("varmap");
+    for name in g.tensors.keys().filter_map(|k| k.strip_prefix("grad.loss.")) {
+        let var = data.get(name).ok_or_else(|| candle_core::Error::Msg(format!("no parameter {name}")))?;
+        c.close(g, &format!("grad.loss.{name}"), grads.get(var).expect("parameter gradient"), NET_GRAD)?;
+    }
+    for name in g.tensors.keys().filter_map(|k| k.strip_prefix("out.running.")) {
+        let var = data.get(name).ok_or_else(|| candle_core::Error::Msg(format!("no buffer {name}")))?;
+        c.close(g, &format!("out.running.{name}"), var.as_tensor(), NET)?;
+    }
+    Ok(())
+}
+
 fn check(g: &Golden, c: &mut Checker) -> Result<()> {
     match g.kind.as_str() {
         "pixel_wise" => check_pixel_wise(g, c, PixelWiseLoss::CrossEntropy),
@@ -288,6 +427,8 @@ fn check(g: &Golden, c: &mut Checker) -> Result<()> {
             check_primitive(g, c, |x| pool.forward(x))
         }
         "discriminator" => check_discriminator(g, c),
+        "pspnet_forward" => check_pspnet_forward(g, c),
+        "pspnet_train_step" => check_pspnet_train_step(g, c),
         other => candle_core::bail!("unknown golden kind {other:?}"),
     }
 }

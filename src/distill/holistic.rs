@@ -25,10 +25,11 @@
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, Var};
-use candle_nn::{BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, VarBuilder, VarMap};
+use candle_nn::{BatchNorm, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
-use crate::nn::{SelfAttention, SpectralNormConv2d, SplitMix64, conv::conv2d, is_buffer};
+use crate::nn::conv::{Conv, ConvSpec, batch_norm};
+use crate::nn::{SelfAttention, SpectralNormConv2d, SplitMix64, is_buffer};
 
 const LRELU_SLOPE: f64 = 0.1;
 
@@ -65,15 +66,14 @@ pub struct Discriminator {
     convs: Vec<SpectralNormConv2d>,
     attn1: SelfAttention,
     attn2: SelfAttention,
-    last: Conv2d,
+    last: Conv,
 }
 
 impl Discriminator {
     /// A critic for `[B, in_channels, h, w]` logits with base width `conv_dim` (64 as run).
     pub fn new(in_channels: usize, conv_dim: usize, (h, w): (usize, usize), vb: VarBuilder) -> Result<Self> {
         let depth = critic_depth(h, w)?;
-        let bn_cfg = BatchNormConfig { eps: 1e-5, remove_mean: true, affine: true, momentum: 0.1 };
-        let preprocess_additional = candle_nn::batch_norm(in_channels, bn_cfg, vb.pp("preprocess_additional"))?;
+        let preprocess_additional = batch_norm(in_channels, vb.pp("preprocess_additional"))?;
         let width = |i: usize| conv_dim << i; // d, 2d, 4d, 8d
         let convs = (0..depth)
             .map(|i| {
@@ -86,7 +86,7 @@ impl Discriminator {
             convs,
             attn1: SelfAttention::new(width(depth - 2), vb.pp("attn1"))?,
             attn2: SelfAttention::new(width(depth - 1), vb.pp("attn2"))?,
-            last: conv2d(width(depth - 1), 1, 4, Conv2dConfig::default(), true, vb.pp("last").pp("0"))?,
+            last: Conv::new(ConvSpec::new(width(depth - 1), 1, 4), true, vb.pp("last").pp("0"))?,
         })
     }
 

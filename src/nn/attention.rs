@@ -6,15 +6,15 @@
 //! starts at 0. Keys: `query_conv`, `key_conv`, `value_conv`, `gamma`.
 
 use candle_core::{D, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Init, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 
-use super::conv::conv2d;
+use super::conv::{Conv, ConvSpec};
 
 #[derive(Debug)]
 pub struct SelfAttention {
-    query_conv: Conv2d,
-    key_conv: Conv2d,
-    value_conv: Conv2d,
+    query_conv: Conv,
+    key_conv: Conv,
+    value_conv: Conv,
     gamma: Tensor,
 }
 
@@ -23,11 +23,10 @@ impl SelfAttention {
         if channels < 8 {
             candle_core::bail!("self-attention needs at least 8 channels (C/8 query width), got {channels}");
         }
-        let cfg = Conv2dConfig::default();
         Ok(Self {
-            query_conv: conv2d(channels, channels / 8, 1, cfg, true, vb.pp("query_conv"))?,
-            key_conv: conv2d(channels, channels / 8, 1, cfg, true, vb.pp("key_conv"))?,
-            value_conv: conv2d(channels, channels, 1, cfg, true, vb.pp("value_conv"))?,
+            query_conv: Conv::new(ConvSpec::new(channels, channels / 8, 1), true, vb.pp("query_conv"))?,
+            key_conv: Conv::new(ConvSpec::new(channels, channels / 8, 1), true, vb.pp("key_conv"))?,
+            value_conv: Conv::new(ConvSpec::new(channels, channels, 1), true, vb.pp("value_conv"))?,
             gamma: vb.get_with_hints(1, "gamma", Init::Const(0.0))?,
         })
     }

@@ -1,29 +1,97 @@
-//! A `Conv2d` built with PyTorch's default initialisation.
+//! A square 2-D convolution that knows its geometry (for output sizes and multiply-accumulate
+//! counts), built with PyTorch's default initialisation, and the BatchNorm the networks use.
 //!
 //! `nn.Conv2d` draws weight and bias from `U(−1/√fan_in, 1/√fan_in)` (kaiming_uniform with
-//! `a = √5`); candle-nn's `conv2d` uses a Kaiming normal instead. Layers whose reference keeps
-//! PyTorch's defaults (the discriminator, the self-attention) are built here.
+//! `a = √5`); candle-nn's `conv2d` uses a Kaiming normal instead. Keys: `weight`, `bias`.
 
-use candle_core::Result;
-use candle_nn::{Conv2d, Conv2dConfig, Init, VarBuilder};
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, Init, VarBuilder};
 
 /// PyTorch's default uniform bound for a layer with `fan_in` inputs.
 pub fn default_bound(fan_in: usize) -> f64 {
     1.0 / (fan_in as f64).sqrt()
 }
 
-/// `nn.Conv2d(c_in, c_out, kernel, ..)` with PyTorch's default init; keys `weight`, `bias`.
-pub fn conv2d(
-    c_in: usize,
-    c_out: usize,
-    kernel: usize,
-    cfg: Conv2dConfig,
-    bias: bool,
-    vb: VarBuilder,
-) -> Result<Conv2d> {
-    let b = default_bound(c_in / cfg.groups * kernel * kernel);
-    let init = Init::Uniform { lo: -b, up: b };
-    let weight = vb.get_with_hints((c_out, c_in / cfg.groups, kernel, kernel), "weight", init)?;
-    let bias = if bias { Some(vb.get_with_hints(c_out, "bias", init)?) } else { None };
-    Ok(Conv2d::new(weight, bias, cfg))
+/// Geometry of a square convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvSpec {
+    pub c_in: usize,
+    pub c_out: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub dilation: usize,
+}
+
+impl ConvSpec {
+    /// A `kernel x kernel` convolution, stride 1, no padding.
+    pub fn new(c_in: usize, c_out: usize, kernel: usize) -> Self {
+        Self { c_in, c_out, kernel, stride: 1, padding: 0, dilation: 1 }
+    }
+
+    pub fn stride(self, stride: usize) -> Self {
+        Self { stride, ..self }
+    }
+
+    pub fn padding(self, padding: usize) -> Self {
+        Self { padding, ..self }
+    }
+
+    pub fn dilation(self, dilation: usize) -> Self {
+        Self { dilation, ..self }
+    }
+
+    /// Output size for an `h x w` input.
+    pub fn out_hw(&self, (h, w): (usize, usize)) -> (usize, usize) {
+        let span = self.dilation * (self.kernel - 1) + 1;
+        let one = |n: usize| (n + 2 * self.padding).saturating_sub(span) / self.stride + 1;
+        (one(h), one(w))
+    }
+
+    /// Multiply-accumulates for an `h x w` input (batch 1), and the output size.
+    pub fn macs(&self, hw: (usize, usize)) -> (u64, (usize, usize)) {
+        let (oh, ow) = self.out_hw(hw);
+        ((oh * ow * self.c_out * self.c_in * self.kernel * self.kernel) as u64, (oh, ow))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Conv {
+    inner: Conv2d,
+    spec: ConvSpec,
+}
+
+impl Conv {
+    /// `nn.Conv2d` with the geometry of `spec` and PyTorch's default init.
+    pub fn new(spec: ConvSpec, bias: bool, vb: VarBuilder) -> Result<Self> {
+        let b = default_bound(spec.c_in * spec.kernel * spec.kernel);
+        let init = Init::Uniform { lo: -b, up: b };
+        let weight = vb.get_with_hints((spec.c_out, spec.c_in, spec.kernel, spec.kernel), "weight", init)?;
+        let bias = if bias { Some(vb.get_with_hints(spec.c_out, "bias", init)?) } else { None };
+        let cfg = Conv2dConfig {
+            padding: spec.padding,
+            stride: spec.stride,
+            dilation: spec.dilation,
+            groups: 1,
+            cudnn_fwd_algo: None,
+        };
+        Ok(Self { inner: Conv2d::new(weight, bias, cfg), spec })
+    }
+
+    pub fn spec(&self) -> &ConvSpec {
+        &self.spec
+    }
+}
+
+impl Module for Conv {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.inner.forward(x)
+    }
+}
+
+/// `nn.BatchNorm2d(channels)`: eps 1e-5, momentum 0.1, affine; keys `weight`, `bias`,
+/// `running_mean`, `running_var`.
+pub fn batch_norm(channels: usize, vb: VarBuilder) -> Result<BatchNorm> {
+    let cfg = BatchNormConfig { eps: 1e-5, remove_mean: true, affine: true, momentum: 0.1 };
+    candle_nn::batch_norm(channels, cfg, vb)
 }
