@@ -13,6 +13,7 @@ pub mod backbone;
 pub mod distill;
 pub mod nn;
 pub mod seg;
+pub mod suggest;
 pub mod weights;
 
 /// Sets `CANDLE_GRAD_DO_NOT_DETACH=1`, which Candle reads once per thread at the first backward

@@ -1,5 +1,6 @@
 //! The segmentation task plugin (PSPNet on Cityscapes).
 
+pub mod info;
 pub mod loss;
 pub mod pspnet;
 pub mod weights;

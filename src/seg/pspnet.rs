@@ -87,7 +87,11 @@ impl PspConfig {
             "pspnet-r18-half" => Ok(Self::pspnet_r18_half()),
             other => {
                 let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
-                candle_core::bail!("unknown model preset {other:?}; the presets are {}", names.join(", "))
+                let hint = crate::suggest::did_you_mean(other, names.iter().copied());
+                Err(candle_core::Error::Msg(format!(
+                    "unknown model preset {other:?}{hint}; the presets are {}",
+                    names.join(", ")
+                )))
             }
         }
     }

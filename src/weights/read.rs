@@ -57,16 +57,17 @@ pub fn read_file(path: &Path) -> Result<StateDict> {
         let tensors = read_pth(path).map_err(|e| corrupt(&e))?;
         return Ok(StateDict { source: name, tensors, metadata: HashMap::new() });
     }
-    if bytes.first() == Some(&0x80) {
-        // A pickle protocol marker at byte 0: torch.save before 1.6 (or `_use_new_zipfile_serialization=False`).
-        return Err(WeightsError::LegacyPth { path: name });
-    }
+    // safetensors: a little-endian u64 header length, then a JSON object.
     let header_len = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
     if header_len.is_some_and(|n| n > 0) && bytes.get(8) == Some(&b'{') {
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(&e))?;
         let metadata = meta.metadata().clone().unwrap_or_default();
         let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| corrupt(&e))?;
         return Ok(StateDict { source: name, tensors: tensors.into_iter().collect(), metadata });
+    }
+    if bytes.first() == Some(&0x80) {
+        // A pickle protocol marker at byte 0: torch.save before 1.6 (or `_use_new_zipfile_serialization=False`).
+        return Err(WeightsError::LegacyPth { path: name });
     }
     let detail = if bytes.is_empty() {
         "the file is empty".to_string()
