@@ -16,6 +16,18 @@ pub mod seg;
 pub mod suggest;
 pub mod weights;
 
+/// The device named `name`: `cpu`, `cuda` or `cuda:N` (the CUDA ones need the `cuda` feature).
+pub fn device(name: &str) -> candle_core::Result<candle_core::Device> {
+    match name {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        "cuda" => candle_core::Device::new_cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
+            Some(i) => candle_core::Device::new_cuda(i),
+            None => Err(candle_core::Error::Msg(format!("unknown device {other:?}; use cpu, cuda or cuda:N"))),
+        },
+    }
+}
+
 /// Sets `CANDLE_GRAD_DO_NOT_DETACH=1`, which Candle reads once per thread at the first backward
 /// and which the WGAN-GP gradient penalty needs (double backward).
 ///

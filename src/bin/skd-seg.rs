@@ -17,10 +17,13 @@ struct Cli {
 enum Command {
     /// Train a student on Cityscapes (or the synthetic Cityscapes-layout set).
     Train,
-    /// Evaluate a checkpoint (mIoU) or score a folder of predictions.
-    Eval,
-    /// Write a synthetic dataset in the Cityscapes layout.
-    Synth,
+    /// Evaluate a checkpoint (mIoU) or score a folder of label-id predictions.
+    Eval(Box<EvalArgs>),
+    /// Write a synthetic dataset.
+    Synth {
+        #[command(subcommand)]
+        dataset: SynthDataset,
+    },
     /// Print a model preset's parameter count, output shapes and multiply-accumulates.
     Info {
         /// The preset: pspnet-r101, pspnet-r18, pspnet-r18-paper or pspnet-r18-half.
@@ -37,6 +40,128 @@ enum Command {
     Bench,
 }
 
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// Report mean IoU (the only metric; required for clarity).
+    #[arg(long)]
+    miou: bool,
+    /// Weights to evaluate (skd safetensors, or a released .pth with --model).
+    #[arg(long, conflicts_with = "pred_dir")]
+    checkpoint: Option<String>,
+    /// Architecture preset, for files that do not record it (released checkpoints).
+    #[arg(long)]
+    model: Option<String>,
+    /// Key layout of the checkpoint: skd, toolbox or imagenet.
+    #[arg(long, default_value = "skd")]
+    layout: String,
+    /// BatchNorm convention of the checkpoint: standard or inplace_abn (released SKD files).
+    #[arg(long, default_value = "standard")]
+    bn_convention: String,
+    /// Dataset root in the Cityscapes layout.
+    #[arg(long, default_value = "datasets/cityscapes")]
+    data: std::path::PathBuf,
+    /// Ground-truth root, when scoring a prediction folder (same as --data).
+    #[arg(long, requires = "pred_dir")]
+    gt_root: Option<std::path::PathBuf>,
+    /// Score the label-id PNGs in this folder instead of running a network.
+    #[arg(long)]
+    pred_dir: Option<std::path::PathBuf>,
+    #[arg(long, default_value = "val")]
+    split: String,
+    /// whole (as the reference) or slide.
+    #[arg(long, default_value = "whole")]
+    mode: String,
+    /// Sliding-window crop.
+    #[arg(long, num_args = 2, value_names = ["H", "W"], default_values_t = [769, 769])]
+    crop: Vec<usize>,
+    /// Sliding-window stride.
+    #[arg(long, num_args = 2, value_names = ["H", "W"], default_values_t = [513, 513])]
+    stride: Vec<usize>,
+    /// Average with the mirrored image.
+    #[arg(long)]
+    flip: bool,
+    /// Scales to average (e.g. --scales 0.75 1.0 1.25).
+    #[arg(long, num_args = 1.., default_values_t = [1.0])]
+    scales: Vec<f64>,
+    /// Write label-id PNGs (official format) and colour PNGs here.
+    #[arg(long)]
+    save_pred: Option<std::path::PathBuf>,
+    /// cpu, cuda or cuda:N (default: $SKD_DEVICE, else cpu).
+    #[arg(long)]
+    device: Option<String>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_choice<T: serde::de::DeserializeOwned>(flag: &str, value: &str, choices: &[&str]) -> anyhow::Result<T> {
+    serde_json::from_value(serde_json::Value::String(value.to_string())).map_err(|_| {
+        let hint = skd::suggest::did_you_mean(value, choices.iter().copied());
+        anyhow::anyhow!("--{flag} {value:?}{hint}: expected one of {}", choices.join(", "))
+    })
+}
+
+fn eval(a: EvalArgs) -> anyhow::Result<()> {
+    use skd::seg::cityscapes::Split;
+    use skd::seg::eval::{InferConfig, InferMode, evaluate, score_predictions};
+    anyhow::ensure!(a.miou, "choose the metric: --miou");
+    let scores = if let Some(pred_dir) = &a.pred_dir {
+        let root = a.gt_root.as_ref().unwrap_or(&a.data);
+        score_predictions(&Split::discover(root, &a.split)?, pred_dir)?
+    } else {
+        let checkpoint = a
+            .checkpoint
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("pass --checkpoint FILE (or --pred-dir DIR to score predictions)"))?;
+        let src = skd::seg::WeightsSource {
+            path: checkpoint.clone(),
+            layout: parse_choice("layout", &a.layout, &["skd", "toolbox", "imagenet"])?,
+            bn: parse_choice("bn-convention", &a.bn_convention, &["standard", "inplace_abn"])?,
+        };
+        let device_name = a.device.clone().or_else(|| std::env::var("SKD_DEVICE").ok()).unwrap_or_else(|| "cpu".into());
+        let device = skd::device(&device_name)?;
+        let (net, _, report) = skd::seg::weights::load_checkpoint(&src, a.model.as_deref(), &device)?;
+        for w in &report.warnings {
+            eprintln!("warning: {w}");
+        }
+        let mode = match a.mode.as_str() {
+            "whole" => InferMode::Whole,
+            "slide" => InferMode::Slide { crop: [a.crop[0], a.crop[1]], stride: [a.stride[0], a.stride[1]] },
+            other => anyhow::bail!("--mode {other:?}: expected whole or slide"),
+        };
+        let cfg = InferConfig { mode, flip: a.flip, scales: a.scales.clone() };
+        let split = Split::discover(&a.data, &a.split)?;
+        evaluate(&net, &split, &cfg, &device, a.save_pred.as_deref(), !a.json)?
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&scores)?);
+    } else {
+        println!("{scores}");
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
+enum SynthDataset {
+    /// Street scenes in the exact Cityscapes layout (leftImg8bit/, gtFine/ with labelIds).
+    Cityscapes {
+        /// Output directory (created).
+        #[arg(long, default_value = "datasets/synthetic")]
+        out: std::path::PathBuf,
+        /// Training images.
+        #[arg(long, default_value_t = 200)]
+        train: usize,
+        /// Validation images.
+        #[arg(long, default_value_t = 50)]
+        val: usize,
+        /// Image height and width.
+        #[arg(long, num_args = 2, value_names = ["H", "W"], default_values_t = [256, 512])]
+        size: Vec<usize>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
 fn run(command: Command) -> anyhow::Result<()> {
     let (name, issue) = match command {
         Command::Info { model, size, json } => {
@@ -49,8 +174,21 @@ fn run(command: Command) -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Train => ("train", 5),
-        Command::Eval => ("eval", 4),
-        Command::Synth => ("synth", 4),
+        Command::Eval(args) => return eval(*args),
+        Command::Synth { dataset: SynthDataset::Cityscapes { out, train, val, size, seed } } => {
+            let start = std::time::Instant::now();
+            for (split, n) in [("train", train), ("val", val)] {
+                skd::seg::synth::write_split(&out, split, n, (size[0], size[1]), seed)?;
+            }
+            eprintln!(
+                "wrote {train} train + {val} val images of {}x{} to {} in {:.1}s",
+                size[0],
+                size[1],
+                out.display(),
+                start.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
         Command::Bench => ("bench", 7),
     };
     anyhow::bail!("{name}: not implemented yet (tracked in issue #{issue})")

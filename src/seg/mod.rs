@@ -1,8 +1,13 @@
 //! The segmentation task plugin (PSPNet on Cityscapes).
 
+pub mod cityscapes;
+pub mod data;
+pub mod eval;
 pub mod info;
 pub mod loss;
+pub mod metrics;
 pub mod pspnet;
+pub mod synth;
 pub mod weights;
 
 pub use loss::{IGNORE_LABEL, SegLoss, cross_entropy_upsampled};

@@ -88,6 +88,31 @@ pub fn load_trainable(
     Ok((net, report))
 }
 
+/// A frozen network from a checkpoint: its architecture from the file's metadata (our own
+/// files) or from `preset` (released files, which carry none).
+pub fn load_checkpoint(
+    src: &WeightsSource,
+    preset: Option<&str>,
+    device: &Device,
+) -> weights::Result<(PspNet, PspConfig, LoadReport)> {
+    let stored = weights::read(&src.path)?.metadata.get("config").cloned();
+    let cfg = match (stored, preset) {
+        (_, Some(name)) => PspConfig::preset(name)?,
+        (Some(json), None) => serde_json::from_str(&json).map_err(|e| WeightsError::Corrupt {
+            path: src.path.clone(),
+            detail: format!("metadata `config` is not a PSPNet config: {e}"),
+        })?,
+        (None, None) => {
+            return Err(WeightsError::Conflict {
+                path: src.path.clone(),
+                detail: "the file records no network config; name the architecture with --model PRESET".into(),
+            });
+        }
+    };
+    let (net, report) = load_frozen(&cfg, src, device)?;
+    Ok((net, cfg, report))
+}
+
 /// Writes a trainable network's state as a deployable safetensors file with its config.
 pub fn save(path: &Path, varmap: &VarMap, cfg: &PspConfig, preset: Option<&str>) -> weights::Result<()> {
     let tensors: BTreeMap<_, _> = {
