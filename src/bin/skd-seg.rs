@@ -36,8 +36,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Time the training step or inference.
-    Bench,
+    /// Measure throughput: `--mode data` (decoding + confusion matrix); train and infer land
+    /// with issue #7.
+    Bench {
+        /// data (train and infer: issue #7).
+        #[arg(long, default_value = "data")]
+        mode: String,
+        /// Dataset root in the Cityscapes layout.
+        #[arg(long, default_value = "datasets/cityscapes")]
+        data: std::path::PathBuf,
+        #[arg(long, default_value = "val")]
+        split: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -189,7 +199,14 @@ fn run(command: Command) -> anyhow::Result<()> {
             );
             return Ok(());
         }
-        Command::Bench => ("bench", 7),
+        Command::Bench { mode, data, split } => {
+            if mode != "data" {
+                anyhow::bail!("bench --mode {mode}: not implemented yet (train and infer are tracked in issue #7)");
+            }
+            let split = skd::seg::cityscapes::Split::discover(&data, &split)?;
+            println!("{}", serde_json::to_string(&skd::seg::bench::data_throughput(&split)?)?);
+            return Ok(());
+        }
     };
     anyhow::bail!("{name}: not implemented yet (tracked in issue #{issue})")
 }

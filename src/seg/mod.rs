@@ -1,5 +1,6 @@
 //! The segmentation task plugin (PSPNet on Cityscapes).
 
+pub mod bench;
 pub mod cityscapes;
 pub mod data;
 pub mod eval;
