@@ -83,7 +83,7 @@ fn synthetic_set_round_trips_through_the_loader() {
                 } else {
                     assert_eq!(p.label[y * 120 + x], label.data[y * 96 + x]);
                     // BGR minus the mean: blue plane from the RGB image's third channel.
-                    let want = img.data[(y * 96 + x) * 3 + 2] as f32 - 104.00698793;
+                    let want = img.data[(y * 96 + x) * 3 + 2] as f32 - 104.006_99;
                     assert!((p.image[y * 120 + x] - want).abs() < 1e-3);
                 }
             }
