@@ -14,6 +14,7 @@ pub mod distill;
 pub mod nn;
 pub mod seg;
 pub mod suggest;
+pub mod train;
 pub mod weights;
 
 /// The device named `name`: `cpu`, `cuda` or `cuda:N` (the CUDA ones need the `cuda` feature).

@@ -124,7 +124,7 @@ fn a_network_evaluates_end_to_end_and_its_saved_predictions_score_the_same() {
         dropout: 0.1,
     };
     let varmap = candle_nn::VarMap::new();
-    let (net, _) = skd::seg::weights::load_trainable(&cfg, None, &varmap, &Device::Cpu).expect("net");
+    let (net, _) = skd::seg::weights::load_trainable(&cfg, None, &varmap, &Device::Cpu, 0).expect("net");
     let split = Split::discover(dir.path(), "val").expect("val");
     let preds = dir.path().join("pred");
     let scores = evaluate(&net, &split, &InferConfig::default(), &Device::Cpu, Some(&preds), false).expect("eval");

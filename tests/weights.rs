@@ -201,7 +201,7 @@ fn imagenet_backbone_loads_partially_and_reports_what_stays_initial() {
     let src = WeightsSource { path: path.clone(), layout: KeyLayout::Imagenet, bn: BnConvention::Standard };
     let varmap = VarMap::new();
     let (_, report) =
-        load_trainable(&small_r18(), Some((&src, LoadMode::Partial)), &varmap, &Device::Cpu).expect("partial");
+        load_trainable(&small_r18(), Some((&src, LoadMode::Partial)), &varmap, &Device::Cpu, 0).expect("partial");
     let report = report.expect("a report");
     assert_eq!(report.loaded.len(), n_backbone);
     assert!(
@@ -215,7 +215,7 @@ fn imagenet_backbone_loads_partially_and_reports_what_stays_initial() {
     drop(data);
 
     let strict = WeightsSource { path, layout: KeyLayout::Skd, bn: BnConvention::Standard };
-    let err = load_trainable(&small_r18(), Some((&strict, LoadMode::Strict)), &VarMap::new(), &Device::Cpu)
+    let err = load_trainable(&small_r18(), Some((&strict, LoadMode::Strict)), &VarMap::new(), &Device::Cpu, 0)
         .unwrap_err()
         .to_string();
     assert!(err.contains("hint: this looks like an ImageNet backbone"), "{err}");
@@ -250,7 +250,7 @@ fn saved_student_is_complete_carries_metadata_and_reloads_strictly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = small_r18();
     let varmap = VarMap::new();
-    load_trainable(&cfg, None, &varmap, &Device::Cpu).expect("fresh");
+    load_trainable(&cfg, None, &varmap, &Device::Cpu, 0).expect("fresh");
     let path = dir.path().join("student.safetensors");
     save(&path, &varmap, &cfg, Some("small")).expect("save");
     let names: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").map(|e| e.expect("entry").file_name()).collect();
@@ -264,7 +264,7 @@ fn saved_student_is_complete_carries_metadata_and_reloads_strictly() {
 
     let src = WeightsSource::skd(path.display().to_string());
     let again = VarMap::new();
-    load_trainable(&cfg, Some((&src, LoadMode::Strict)), &again, &Device::Cpu).expect("strict reload");
+    load_trainable(&cfg, Some((&src, LoadMode::Strict)), &again, &Device::Cpu, 0).expect("strict reload");
     let a = varmap.data().lock().expect("a")["layer4.1.bn2.running_var"]
         .flatten_all()
         .expect("f")

@@ -15,8 +15,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train a student on Cityscapes (or the synthetic Cityscapes-layout set).
-    Train,
+    /// Train a student (or a teacher) on Cityscapes or any set in its layout.
+    Train {
+        #[command(subcommand)]
+        dataset: TrainDataset,
+    },
     /// Evaluate a checkpoint (mIoU) or score a folder of label-id predictions.
     Eval(Box<EvalArgs>),
     /// Write a synthetic dataset.
@@ -48,6 +51,96 @@ enum Command {
         #[arg(long, default_value = "val")]
         split: String,
     },
+}
+
+#[derive(Subcommand)]
+enum TrainDataset {
+    /// Cityscapes layout (leftImg8bit/, gtFine/); defaults = the released protocol.
+    Cityscapes(Box<TrainArgs>),
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// A JSON config (configs/*.json); without it, the released protocol.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    /// Override a config value, e.g. --set distill.pair_wise.weight=10 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Dataset root (data.root).
+    #[arg(long)]
+    data: Option<std::path::PathBuf>,
+    /// Teacher weights file (teacher.weights.path).
+    #[arg(long)]
+    teacher: Option<String>,
+    /// Where the run's files go (default runs/cityscapes-<unix time>).
+    #[arg(long, conflicts_with = "resume")]
+    run_dir: Option<std::path::PathBuf>,
+    /// Continue the run in this directory from its last checkpoint, with its config.
+    #[arg(long, value_name = "RUN_DIR")]
+    resume: Option<std::path::PathBuf>,
+    /// Evaluate the teacher on N val images before training and print its mIoU.
+    #[arg(long, value_name = "N")]
+    check_teacher: Option<usize>,
+    /// Print the resolved config as JSON and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn train(a: TrainArgs) -> anyhow::Result<()> {
+    use skd::seg::config::TrainConfig;
+    use skd::seg::train::{CONFIG_FILE, RunOptions, run};
+    let (cfg, run_dir, resume) = match &a.resume {
+        Some(dir) => {
+            anyhow::ensure!(
+                a.config.is_none() && a.set.is_empty() && a.data.is_none() && a.teacher.is_none(),
+                "--resume takes the run's own config; drop --config/--set/--data/--teacher"
+            );
+            (TrainConfig::load(Some(&dir.join(CONFIG_FILE)), &[])?, dir.clone(), true)
+        }
+        None => {
+            let mut set = a.set.clone();
+            if let Some(d) = &a.data {
+                set.push(format!("data.root={}", serde_json::to_string(d)?));
+            }
+            if let Some(t) = &a.teacher {
+                set.push(format!("teacher.weights.path={}", serde_json::to_string(t)?));
+            }
+            let cfg = TrainConfig::load(a.config.as_deref(), &set)?;
+            let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+            let dir = a.run_dir.clone().unwrap_or_else(|| format!("runs/cityscapes-{secs}").into());
+            (cfg, dir, false)
+        }
+    };
+    if a.print_config {
+        println!("{}", serde_json::to_string_pretty(&cfg)?);
+        return Ok(());
+    }
+    if let Some(t) = &cfg.teacher {
+        let p = std::path::Path::new(&t.weights.path);
+        anyhow::ensure!(
+            t.weights.path.starts_with("hf://") || p.is_file(),
+            "teacher weights {} not found (teacher.weights.path; pass --teacher FILE)",
+            p.display()
+        );
+    }
+    anyhow::ensure!(
+        cfg.data.root.is_dir(),
+        "dataset root {} not found (data.root; pass --data DIR, or make a synthetic set: skd-seg synth cityscapes --out DIR)",
+        cfg.data.root.display()
+    );
+    let summary = run(&cfg, &run_dir, &RunOptions { resume, check_teacher: a.check_teacher, verbose: true })?;
+    eprintln!(
+        "done: {} iterations in {:.0}s ({} skipped) -> {}",
+        summary.iterations_done,
+        summary.seconds,
+        summary.skipped_steps,
+        summary.run_dir.display()
+    );
+    if let Some(v) = summary.val {
+        println!("{v}");
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -173,18 +266,9 @@ enum SynthDataset {
 }
 
 fn run(command: Command) -> anyhow::Result<()> {
-    let (name, issue) = match command {
-        Command::Info { model, size, json } => {
-            let info = ModelInfo::new(&model, (size[0], size[1]))?;
-            if json {
-                println!("{}", serde_json::to_string(&info)?);
-            } else {
-                println!("{info}");
-            }
-            return Ok(());
-        }
-        Command::Train => ("train", 5),
-        Command::Eval(args) => return eval(*args),
+    match command {
+        Command::Train { dataset: TrainDataset::Cityscapes(args) } => train(*args),
+        Command::Eval(args) => eval(*args),
         Command::Synth { dataset: SynthDataset::Cityscapes { out, train, val, size, seed } } => {
             let start = std::time::Instant::now();
             for (split, n) in [("train", train), ("val", val)] {
@@ -197,18 +281,27 @@ fn run(command: Command) -> anyhow::Result<()> {
                 out.display(),
                 start.elapsed().as_secs_f64()
             );
-            return Ok(());
+            Ok(())
+        }
+        Command::Info { model, size, json } => {
+            let info = ModelInfo::new(&model, (size[0], size[1]))?;
+            if json {
+                println!("{}", serde_json::to_string(&info)?);
+            } else {
+                println!("{info}");
+            }
+            Ok(())
         }
         Command::Bench { mode, data, split } => {
-            if mode != "data" {
-                anyhow::bail!("bench --mode {mode}: not implemented yet (train and infer are tracked in issue #7)");
-            }
+            anyhow::ensure!(
+                mode == "data",
+                "bench --mode {mode}: not implemented yet (train and infer are tracked in issue #7)"
+            );
             let split = skd::seg::cityscapes::Split::discover(&data, &split)?;
             println!("{}", serde_json::to_string(&skd::seg::bench::data_throughput(&split)?)?);
-            return Ok(());
+            Ok(())
         }
-    };
-    anyhow::bail!("{name}: not implemented yet (tracked in issue #{issue})")
+    }
 }
 
 fn main() -> ExitCode {

@@ -228,7 +228,13 @@ impl Holistic {
             candle_core::bail!("holistic: gp_weight must be finite and >= 0, got {gp_weight}");
         }
         let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        // The critic's weights from the seed; its α stream from the same seed, re-keyed per step.
+        let vb = crate::nn::init::seeded_var_builder(
+            &varmap,
+            SplitMix64::derive(&[seed, 0xC817]).next_u64(),
+            DType::F32,
+            device,
+        );
         let critic = Discriminator::new(logits.0, cfg.conv_dim, (logits.1, logits.2), vb)?;
         Ok(Self { cfg, critic, varmap, rng: Mutex::new(SplitMix64::new(seed)) })
     }

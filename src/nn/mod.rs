@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod conv;
 pub mod dropout;
+pub mod init;
 pub mod pool;
 pub mod resize;
 pub mod rng;

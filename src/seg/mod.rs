@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod cityscapes;
+pub mod config;
 pub mod data;
 pub mod eval;
 pub mod info;
@@ -9,6 +10,7 @@ pub mod loss;
 pub mod metrics;
 pub mod pspnet;
 pub mod synth;
+pub mod train;
 pub mod weights;
 
 pub use loss::{IGNORE_LABEL, SegLoss, cross_entropy_upsampled};

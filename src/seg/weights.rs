@@ -68,15 +68,16 @@ pub fn load_frozen(cfg: &PspConfig, src: &WeightsSource, device: &Device) -> wei
     Ok((PspNet::new(cfg, vb)?, report))
 }
 
-/// A trainable network in `varmap`: freshly initialised, then (optionally) overwritten from a file
-/// — strictly (resuming a student) or partially (ImageNet initialisation of the backbone).
+/// A trainable network in `varmap`: initialised from `seed`, then (optionally) overwritten from a
+/// file — strictly (a student's own weights) or partially (ImageNet initialisation of the backbone).
 pub fn load_trainable(
     cfg: &PspConfig,
     src: Option<(&WeightsSource, LoadMode)>,
     varmap: &VarMap,
     device: &Device,
+    seed: u64,
 ) -> weights::Result<(PspNet, Option<LoadReport>)> {
-    let net = PspNet::new(cfg, VarBuilder::from_varmap(varmap, DType::F32, device))?;
+    let net = PspNet::new(cfg, crate::nn::init::seeded_var_builder(varmap, seed, DType::F32, device))?;
     let report = match src {
         None => None,
         Some((src, mode)) => {

@@ -1,0 +1,299 @@
+//! The segmentation training configuration: JSON files in `configs/`, every field typed,
+//! unknown keys rejected, `Default` = the released protocol; `--set a.b=value` overrides.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::data::AugmentConfig;
+use super::pspnet::PspConfig;
+use super::weights::WeightsSource;
+use crate::distill::DistillConfig;
+use crate::train::OptimConfig;
+use crate::weights::{BnConvention, KeyLayout};
+
+/// A network: a preset name or a full config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ModelSpec {
+    Preset(String),
+    Config(PspConfig),
+}
+
+impl ModelSpec {
+    pub fn resolve(&self) -> candle_core::Result<PspConfig> {
+        match self {
+            ModelSpec::Preset(name) => PspConfig::preset(name),
+            ModelSpec::Config(cfg) => {
+                cfg.validate()?;
+                Ok(cfg.clone())
+            }
+        }
+    }
+
+    /// The preset's name, if it is one.
+    pub fn preset(&self) -> Option<&str> {
+        match self {
+            ModelSpec::Preset(name) => Some(name),
+            ModelSpec::Config(_) => None,
+        }
+    }
+}
+
+/// A weights file and how to read it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightsSpec {
+    pub path: String,
+    #[serde(default)]
+    pub layout: KeyLayout,
+    #[serde(default)]
+    pub bn: BnConvention,
+}
+
+impl WeightsSpec {
+    pub fn source(&self) -> WeightsSource {
+        WeightsSource { path: self.path.clone(), layout: self.layout, bn: self.bn }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// Dataset root in the Cityscapes layout.
+    pub root: PathBuf,
+    pub train_split: String,
+    pub val_split: String,
+    /// A list file of `image label` lines (the reference's `train.lst`) instead of the layout.
+    pub train_list: Option<PathBuf>,
+    pub augment: AugmentConfig,
+    /// Batches prepared ahead of the step.
+    pub prefetch: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from("datasets/cityscapes"),
+            train_split: "train".into(),
+            val_split: "val".into(),
+            train_list: None,
+            augment: AugmentConfig::default(),
+            prefetch: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudentConfig {
+    pub model: ModelSpec,
+    /// Initial weights, loaded partially (ImageNet backbone) — `None` = random init.
+    #[serde(default)]
+    pub init: Option<WeightsSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherConfig {
+    pub model: ModelSpec,
+    pub weights: WeightsSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub data: DataConfig,
+    pub student: StudentConfig,
+    /// The frozen teacher; required when any distillation term is on.
+    pub teacher: Option<TeacherConfig>,
+    pub distill: DistillConfig,
+    pub optim: OptimConfig,
+    /// Weight of the deep-supervision (DSN) loss.
+    pub aux_weight: f64,
+    pub seed: u64,
+    /// Write the training state every this many iterations (and at the end).
+    pub checkpoint_every: usize,
+    /// Log (and print) every this many iterations.
+    pub log_every: usize,
+    /// Evaluate on the val split every this many iterations (0 = only at the end).
+    pub val_every: usize,
+    /// Evaluate on at most this many val images (`None` = all).
+    pub val_images: Option<usize>,
+    /// Non-finite steps in a row that stop the run.
+    pub max_skips: usize,
+    /// cpu, cuda or cuda:N.
+    pub device: String,
+}
+
+impl Default for TrainConfig {
+    /// The released protocol (`run_train_val.sh`): R18 student from CSAIL ImageNet weights,
+    /// frozen R101 teacher (InPlace-ABN checkpoint), all three terms, 40k iterations.
+    fn default() -> Self {
+        Self {
+            data: DataConfig::default(),
+            student: StudentConfig {
+                model: ModelSpec::Preset("pspnet-r18".into()),
+                init: Some(WeightsSpec {
+                    path: "weights/resnet18-imagenet.pth".into(),
+                    layout: KeyLayout::Imagenet,
+                    bn: BnConvention::Standard,
+                }),
+            },
+            teacher: Some(TeacherConfig {
+                model: ModelSpec::Preset("pspnet-r101".into()),
+                weights: WeightsSpec {
+                    path: "weights/CS_scenes_38413_0.7832174615268139.pth".into(),
+                    layout: KeyLayout::Skd,
+                    bn: BnConvention::InplaceAbn,
+                },
+            }),
+            distill: DistillConfig::default(),
+            optim: OptimConfig::default(),
+            aux_weight: 0.4,
+            seed: 0,
+            checkpoint_every: 2000,
+            log_every: 10,
+            val_every: 4000,
+            val_images: None,
+            max_skips: 10,
+            device: "cpu".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {detail}")]
+    File { path: String, detail: String },
+    #[error("--set {arg:?}: {detail}")]
+    Override { arg: String, detail: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+/// Keys of a JSON object, for suggestions.
+fn keys(v: &Value) -> Vec<String> {
+    v.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default()
+}
+
+/// Applies `a.b.c=value` to `root`; the value is JSON when it parses, else a string. A key that
+/// does not exist where the object has keys is refused with the nearest one.
+pub fn apply_override(root: &mut Value, arg: &str) -> Result<(), ConfigError> {
+    let err = |detail: String| ConfigError::Override { arg: arg.to_string(), detail };
+    let (path, raw) = arg.split_once('=').ok_or_else(|| err("expected key.path=value".into()))?;
+    let value: Value = serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()));
+    let parts: Vec<&str> = path.split('.').collect();
+    let mut node = root;
+    for (i, part) in parts.iter().enumerate() {
+        if node.is_null() {
+            // An optional section that is off: switching it on starts from its defaults.
+            *node = Value::Object(Default::default());
+        }
+        let obj = node.as_object_mut().ok_or_else(|| err(format!("{} is not an object", parts[..i].join("."))))?;
+        if !obj.contains_key(*part) && !obj.is_empty() {
+            let known: Vec<String> = obj.keys().cloned().collect();
+            let hint = crate::suggest::did_you_mean(part, known.iter().map(String::as_str));
+            let prefix = if i == 0 { String::new() } else { format!("{}.", parts[..i].join(".")) };
+            return Err(err(format!("unknown key {prefix}{part}{hint}; known: {}", known.join(", "))));
+        }
+        if i + 1 == parts.len() {
+            obj.insert(part.to_string(), value);
+            return Ok(());
+        }
+        node = obj.entry(part.to_string()).or_insert(Value::Null);
+    }
+    unreachable!("split yields at least one part")
+}
+
+impl TrainConfig {
+    /// The config from a JSON file (or the defaults) with overrides applied, validated.
+    pub fn load(file: Option<&std::path::Path>, overrides: &[String]) -> Result<Self, ConfigError> {
+        let mut value = serde_json::to_value(Self::default()).expect("the default config serialises");
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::File { path: path.display().to_string(), detail: e.to_string() })?;
+            let file_value: Value = serde_json::from_str(&text)
+                .map_err(|e| ConfigError::File { path: path.display().to_string(), detail: e.to_string() })?;
+            // Parse the file alone first, so that unknown keys are reported against the file.
+            serde_json::from_value::<Self>(file_value.clone())
+                .map_err(|e| ConfigError::File { path: path.display().to_string(), detail: e.to_string() })?;
+            value = file_value;
+        }
+        for o in overrides {
+            apply_override(&mut value, o)?;
+        }
+        let cfg: Self = serde_json::from_value(value).map_err(|e| {
+            ConfigError::Invalid(format!(
+                "{e} (keys at the top: {})",
+                keys(&serde_json::to_value(Self::default()).expect("serialises")).join(", ")
+            ))
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks everything that can be checked without reading data or weights.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |e: candle_core::Error| ConfigError::Invalid(e.to_string());
+        self.optim.validate().map_err(bad)?;
+        self.distill.validate().map_err(bad)?;
+        let student = self.student.model.resolve().map_err(bad)?;
+        if let Some(t) = &self.teacher {
+            let teacher = t.model.resolve().map_err(bad)?;
+            if teacher.num_classes != student.num_classes {
+                return Err(ConfigError::Invalid(format!(
+                    "teacher has {} classes, student {}",
+                    teacher.num_classes, student.num_classes
+                )));
+            }
+        }
+        let distilling =
+            self.distill.pixel_wise.is_some() || self.distill.pair_wise.is_some() || self.distill.holistic.is_some();
+        if distilling && self.teacher.is_none() {
+            return Err(ConfigError::Invalid("distillation terms are on but there is no teacher; set teacher or turn the terms off (distill.pixel_wise=null, ...)".into()));
+        }
+        if self.optim.batch_size < 2 {
+            return Err(ConfigError::Invalid(format!(
+                "optim.batch_size {} < 2: training BatchNorm (the PSP bin-1 branch) needs at least 2",
+                self.optim.batch_size
+            )));
+        }
+        if !(self.aux_weight.is_finite() && self.aux_weight >= 0.0) {
+            return Err(ConfigError::Invalid(format!("aux_weight must be finite and >= 0, got {}", self.aux_weight)));
+        }
+        let [ch, cw] = self.data.augment.crop;
+        if ch < 32 || cw < 32 {
+            return Err(ConfigError::Invalid(format!("data.augment.crop {ch}x{cw}: both sides must be at least 32")));
+        }
+        // Candle's conv2d backward fails for stride 2 when height and width differ in parity.
+        let mut inputs = vec![("the stem's stride-2 conv", (ch, cw))];
+        let pooled = crate::nn::MaxPool2d::stem().output_hw(ch.div_ceil(2), cw.div_ceil(2)).map_err(bad)?;
+        let mut hw = pooled;
+        for (i, (stride, _)) in student.backbone.stage_geometry().map_err(bad)?.into_iter().enumerate() {
+            if stride == 2 {
+                inputs.push((["layer1", "layer2", "layer3", "layer4"][i], hw));
+                hw = (hw.0.div_ceil(2), hw.1.div_ceil(2));
+            }
+        }
+        if let Some((layer, (h, w))) = inputs.into_iter().find(|(_, (h, w))| h % 2 != w % 2) {
+            return Err(ConfigError::Invalid(format!(
+                "data.augment.crop {ch}x{cw}: the input of {layer} is {h}x{w}, whose sides differ in parity, which Candle's \
+                 stride-2 backward cannot handle; choose a crop whose sides keep equal parity (e.g. both multiples of 16)"
+            )));
+        }
+        if self.distill.holistic.is_some() {
+            let (oh, ow) = student.output_hw(ch, cw).map_err(bad)?;
+            crate::distill::holistic::critic_depth(oh, ow).map_err(|e| {
+                ConfigError::Invalid(format!(
+                    "data.augment.crop {ch}x{cw} gives {oh}x{ow} logits: {e} (a crop of at least 128)"
+                ))
+            })?;
+        }
+        crate::device(&self.device)
+            .map(|_| ())
+            .map_err(|e| ConfigError::Invalid(format!("device {:?}: {e}", self.device)))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,284 @@
+//! `skd-seg train cityscapes`: the segmentation task plugged into the generic trainer, with its
+//! data, checkpoints, logs and periodic validation.
+//!
+//! ```text
+//! run(cfg, run_dir)
+//!   config.json (resolved) -> teacher (frozen, from file) -> student (VarMap, ImageNet init)
+//!   -> Distiller -> Trainer; --resume: state.safetensors -> Trainer::restore
+//!   Loader(iterations start..end) -> Trainer::step -> train.jsonl, progress bar
+//!   every checkpoint_every: state.safetensors + student.safetensors; every val_every: mIoU
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Tensor;
+use candle_nn::VarMap;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use super::cityscapes::{DataError, Split};
+use super::config::{ConfigError, TrainConfig};
+use super::data::Loader;
+use super::eval::{EvalError, InferConfig, evaluate};
+use super::loss::SegLoss;
+use super::metrics::Scores;
+use super::pspnet::{PspNet, PspOutput};
+use super::weights::{load_frozen, load_trainable, save};
+use crate::distill::{Distiller, Losses};
+use crate::train::log::{JsonlLog, rss_mb};
+use crate::train::state::{checkpoint_due, load_state, save_state};
+use crate::train::{DenseNet, Settings, Task, Trainer};
+use crate::weights::{LoadMode, WeightsError};
+
+impl DenseNet for PspNet {
+    type Output = PspOutput;
+
+    fn forward_t(&self, images: &Tensor, train: bool) -> candle_core::Result<PspOutput> {
+        PspNet::forward_t(self, images, train)
+    }
+
+    fn dense(out: &PspOutput) -> crate::distill::DenseOutputs {
+        out.dense()
+    }
+
+    fn reseed(&self, seed: u64) {
+        self.set_dropout_seed(seed);
+    }
+}
+
+/// A batch on the device: `[B, 3, H, W]` images and `[B, H, W]` train ids.
+pub struct SegBatch {
+    pub images: Tensor,
+    pub labels: Tensor,
+}
+
+pub struct SegTask {
+    pub loss: SegLoss,
+}
+
+impl Task for SegTask {
+    type Batch = SegBatch;
+    type Net = PspNet;
+
+    fn images<'a>(&self, batch: &'a SegBatch) -> &'a Tensor {
+        &batch.images
+    }
+
+    fn task_loss(&self, out: &PspOutput, batch: &SegBatch) -> candle_core::Result<Losses> {
+        self.loss.losses(&out.logits, out.aux_logits.as_ref(), &batch.labels)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Eval(#[from] EvalError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io { path: path.display().to_string(), source }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Continue the run in `run_dir` from its last state.
+    pub resume: bool,
+    /// Evaluate the loaded teacher on this many val images before training.
+    pub check_teacher: Option<usize>,
+    /// Draw progress bars and print tables.
+    pub verbose: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub run_dir: PathBuf,
+    pub iterations_done: usize,
+    pub skipped_steps: usize,
+    /// The last validation, if there is a val split.
+    pub val: Option<Scores>,
+    pub seconds: f64,
+}
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const LOG_FILE: &str = "train.jsonl";
+pub const STUDENT_FILE: &str = "student.safetensors";
+
+/// The val split, limited to the first `limit` images; `None` when the dataset has none.
+fn val_split(cfg: &TrainConfig, limit: Option<usize>) -> Result<Option<Split>, TrainError> {
+    match Split::discover(&cfg.data.root, &cfg.data.val_split) {
+        Ok(mut s) => {
+            if let Some(n) = limit {
+                s.samples.truncate(n.max(1));
+            }
+            Ok(Some(s))
+        }
+        Err(DataError::EmptySplit { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn bar(len: u64, start: u64, verbose: bool) -> ProgressBar {
+    if !verbose {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(len);
+    b.set_style(
+        ProgressStyle::with_template("train [{bar:25}] {pos}/{len} {per_sec} ETA {eta} {msg}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    b.set_position(start);
+    b
+}
+
+/// Trains as `cfg` says, in `run_dir` (created; with `opts.resume`, continued).
+pub fn run(cfg: &TrainConfig, run_dir: &Path, opts: &RunOptions) -> Result<RunSummary, TrainError> {
+    let started = Instant::now();
+    cfg.validate()?;
+    std::fs::create_dir_all(run_dir).map_err(io(run_dir))?;
+    let config_path = run_dir.join(CONFIG_FILE);
+    let resolved = serde_json::to_string_pretty(cfg).expect("config serialises");
+    if !opts.resume {
+        std::fs::write(&config_path, &resolved).map_err(io(&config_path))?;
+    }
+    let say = |msg: String| {
+        if opts.verbose {
+            eprintln!("{msg}");
+        }
+    };
+    let device = crate::device(&cfg.device)?;
+    let train_split = match &cfg.data.train_list {
+        Some(list) => Split::from_list(&cfg.data.root, list, &cfg.data.train_split)?,
+        None => Split::discover(&cfg.data.root, &cfg.data.train_split)?,
+    };
+    let val = val_split(cfg, cfg.val_images)?;
+    say(format!(
+        "data: {} train images in {}, {} val images",
+        train_split.samples.len(),
+        cfg.data.root.display(),
+        val.as_ref().map_or(0, |v| v.samples.len())
+    ));
+
+    let student_cfg = cfg.student.model.resolve()?;
+    let teacher = match &cfg.teacher {
+        None => None,
+        Some(t) => {
+            let (net, report) = load_frozen(&t.model.resolve()?, &t.weights.source(), &device)?;
+            say(format!("teacher: {} ({report})", t.weights.path));
+            for w in &report.warnings {
+                eprintln!("warning: teacher: {w}");
+            }
+            Some(net)
+        }
+    };
+    if let (Some(n), Some(t)) = (opts.check_teacher, &teacher) {
+        let split =
+            val_split(cfg, Some(n))?.ok_or_else(|| ConfigError::Invalid("--check-teacher needs a val split".into()))?;
+        let scores = evaluate(t, &split, &InferConfig::default(), &device, None, opts.verbose)?;
+        say(format!("teacher check on {} val images: mIoU {:.2}\n{scores}", split.samples.len(), scores.miou * 100.0));
+    }
+    let varmap = VarMap::new();
+    let init = cfg.student.init.as_ref().map(|w| (w.source(), LoadMode::Partial));
+    let (student, report) =
+        load_trainable(&student_cfg, init.as_ref().map(|(s, m)| (s, *m)), &varmap, &device, cfg.seed)?;
+    if let Some(r) = report {
+        say(format!("student init: {r}"));
+    }
+    let distilling =
+        cfg.distill.pixel_wise.is_some() || cfg.distill.pair_wise.is_some() || cfg.distill.holistic.is_some();
+    let distiller = if distilling {
+        let [ch, cw] = cfg.data.augment.crop;
+        let (oh, ow) = student_cfg.output_hw(ch, cw)?;
+        Some(Distiller::new(&cfg.distill, (student_cfg.num_classes, oh, ow), &device, cfg.seed)?)
+    } else {
+        None
+    };
+    let task = SegTask { loss: SegLoss { aux_weight: cfg.aux_weight, ..Default::default() } };
+    let settings = Settings { optim: cfg.optim, seed: cfg.seed, max_skips: cfg.max_skips };
+    let mut trainer = Trainer::new(task, (student, varmap), teacher, distiller, settings)?;
+
+    let mut start = 0;
+    if opts.resume {
+        let (tensors, done) = load_state(run_dir)?;
+        trainer.restore(&tensors)?;
+        start = done;
+        say(format!("resumed {} at iteration {done}", run_dir.display()));
+    }
+    let total = cfg.optim.iterations;
+    let log_path = run_dir.join(LOG_FILE);
+    let mut log = JsonlLog::append(&log_path).map_err(io(&log_path))?;
+    let batch = cfg.optim.batch_size;
+    let [ch, cw] = cfg.data.augment.crop;
+    let loader = Loader::new(train_split, cfg.data.augment.clone(), cfg.seed, batch, start..total, cfg.data.prefetch);
+    let progress = bar(total as u64, start as u64, opts.verbose);
+    let mut skipped = 0;
+    let mut last_val = None;
+    for (it, b) in (start..total).zip(loader) {
+        let b = b?;
+        let step_start = Instant::now();
+        let images = Tensor::from_vec(b.images, (batch, 3, ch, cw), &device)?;
+        let labels = Tensor::from_vec(b.labels, (batch, ch, cw), &device)?;
+        let report = trainer.step(&SegBatch { images, labels }, it)?;
+        let done = it + 1;
+        if report.skipped.is_some() {
+            skipped += 1;
+        }
+        if report.skipped.is_some() || done % cfg.log_every.max(1) == 0 || done == total {
+            let mut line = json!({
+                "iteration": done,
+                "lr": report.lr,
+                "total": report.total,
+                "critic_loss": report.critic_loss,
+                "skipped": report.skipped,
+                "step_s": step_start.elapsed().as_secs_f64(),
+                "elapsed_s": started.elapsed().as_secs_f64(),
+                "rss_mb": rss_mb(),
+            });
+            for (name, v) in &report.losses {
+                line[*name] = json!(v);
+            }
+            log.write(&line).map_err(io(&log_path))?;
+            let terms: Vec<String> = report.losses.iter().map(|(n, v)| format!("{n} {v:.3}")).collect();
+            progress.set_message(terms.join(" "));
+            if let Some(why) = &report.skipped {
+                progress.suspend(|| eprintln!("warning: iteration {done}: skipped the update ({why})"));
+            }
+        }
+        progress.inc(1);
+        if checkpoint_due(done, cfg.checkpoint_every, total) {
+            save_state(run_dir, trainer.state_tensors(), done)?;
+            save(&run_dir.join(STUDENT_FILE), &trainer.student_vars, &student_cfg, cfg.student.model.preset())?;
+        }
+        let val_due = done == total || (cfg.val_every > 0 && done % cfg.val_every == 0);
+        if let (true, Some(v)) = (val_due, &val) {
+            let scores =
+                progress.suspend(|| evaluate(&trainer.student, v, &InferConfig::default(), &device, None, false))?;
+            let mut line = json!({ "iteration": done, "val_miou": scores.miou, "val_pixel_acc": scores.pixel_acc });
+            line["val_class_iou"] = json!(scores.class_iou);
+            log.write(&line).map_err(io(&log_path))?;
+            if opts.verbose {
+                progress.suspend(|| eprintln!("val at iteration {done}: mIoU {:.2}\n{scores}", scores.miou * 100.0));
+            }
+            last_val = Some(scores);
+        }
+    }
+    progress.finish_and_clear();
+    Ok(RunSummary {
+        run_dir: run_dir.to_path_buf(),
+        iterations_done: total,
+        skipped_steps: skipped,
+        val: last_val,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}

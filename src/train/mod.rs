@@ -1,0 +1,342 @@
+//! The task-generic trainer: one structured-distillation step, the schedule, the NaN guard and
+//! the training state, for any task that hands the distiller [`DenseOutputs`].
+//!
+//! ```text
+//! Trainer::step(batch, it)
+//!   lr = poly(base, it + 1)                       (both optimisers; released: it = 1, 2, ...)
+//!   t = dense(teacher(x, train = false))          (plain tensors: no graph)
+//!   out = student(x, train = true); s = dense(out)
+//!   losses = task_loss(out, batch) + distiller.student_losses(s, t)
+//!   guard: a non-finite term or gradient skips the update; K in a row stop the run
+//!   student_opt.step(grads)
+//!   critic_opt.step(critic_grads(distiller.critic_loss(s.detach(), t)))   (logits from before the update)
+//! ```
+
+pub mod log;
+pub mod optim;
+pub mod state;
+
+use candle_core::{Result, Tensor, Var};
+use candle_nn::{Optimizer, VarMap};
+
+use crate::distill::{DenseOutputs, Distiller, Losses};
+use crate::nn::{SplitMix64, is_buffer};
+pub use optim::{Sgd, SgdConfig, poly_lr};
+
+/// A network whose outputs can be distilled.
+pub trait DenseNet {
+    type Output;
+    fn forward_t(&self, images: &Tensor, train: bool) -> Result<Self::Output>;
+    fn dense(out: &Self::Output) -> DenseOutputs;
+    /// Re-keys the random choices inside the network (dropout masks).
+    fn reseed(&self, seed: u64);
+}
+
+/// A task: what a batch is, where its images are, and its own loss.
+pub trait Task {
+    type Batch;
+    type Net: DenseNet;
+    fn images<'a>(&self, batch: &'a Self::Batch) -> &'a Tensor;
+    fn task_loss(&self, out: &<Self::Net as DenseNet>::Output, batch: &Self::Batch) -> Result<Losses>;
+}
+
+/// The optimisation settings shared by every task (defaults as run).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimConfig {
+    pub iterations: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    /// Poly schedule power.
+    pub power: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self { iterations: 40_000, batch_size: 8, lr: 1e-2, momentum: 0.9, weight_decay: 5e-4, power: 0.9 }
+    }
+}
+
+impl OptimConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad =
+            |what: &str, v: f64| candle_core::Error::Msg(format!("optim.{what} must be finite and >= 0, got {v}"));
+        for (what, v) in
+            [("lr", self.lr), ("momentum", self.momentum), ("weight_decay", self.weight_decay), ("power", self.power)]
+        {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(bad(what, v));
+            }
+        }
+        if self.iterations == 0 || self.batch_size == 0 {
+            candle_core::bail!("optim.iterations and optim.batch_size must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// How the trainer runs, beside the networks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settings {
+    pub optim: OptimConfig,
+    /// Keys dropout masks and the critic's `α` per iteration.
+    pub seed: u64,
+    /// Non-finite steps in a row that stop the run.
+    pub max_skips: usize,
+}
+
+/// What the NaN guard decides after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guard {
+    Apply,
+    Skip,
+    Stop,
+}
+
+/// The NaN guard: a step with a non-finite loss or gradient is skipped; `max_skips` in a row stop.
+pub fn guard(finite: bool, consecutive_skips: usize, max_skips: usize) -> Guard {
+    match (finite, consecutive_skips + 1 >= max_skips) {
+        (true, _) => Guard::Apply,
+        (false, false) => Guard::Skip,
+        (false, true) => Guard::Stop,
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct StepReport {
+    pub iteration: usize,
+    pub lr: f64,
+    /// The student's weighted terms.
+    pub losses: Vec<(&'static str, f32)>,
+    pub total: f32,
+    /// The critic's loss (holistic term only).
+    pub critic_loss: Option<f32>,
+    /// Why the update was skipped, if it was.
+    pub skipped: Option<String>,
+}
+
+/// The trainable variables of a `VarMap`, sorted by key (buffers left out).
+pub fn trainable(varmap: &VarMap) -> Vec<(String, Var)> {
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut vars: Vec<_> = data.iter().filter(|(k, _)| !is_buffer(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
+/// `Σ ‖g‖²` over the gradients of `vars` is finite.
+fn grads_finite(grads: &candle_core::backprop::GradStore, vars: &[(String, Var)]) -> Result<bool> {
+    let mut total = 0f64;
+    for (_, v) in vars {
+        if let Some(g) = grads.get(v) {
+            total += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        }
+    }
+    Ok(total.is_finite())
+}
+
+pub struct Trainer<T: Task> {
+    pub task: T,
+    pub student: T::Net,
+    pub student_vars: VarMap,
+    pub teacher: Option<T::Net>,
+    pub distiller: Option<Distiller>,
+    student_opt: Sgd,
+    critic_opt: Option<Sgd>,
+    student_params: Vec<(String, Var)>,
+    critic_params: Vec<(String, Var)>,
+    optim: OptimConfig,
+    critic_lr: f64,
+    seed: u64,
+    max_skips: usize,
+    consecutive_skips: usize,
+}
+
+impl<T: Task> Trainer<T> {
+    /// `student` with its variables; `distiller` needs a teacher.
+    pub fn new(
+        task: T,
+        (student, student_vars): (T::Net, VarMap),
+        teacher: Option<T::Net>,
+        distiller: Option<Distiller>,
+        Settings { optim, seed, max_skips }: Settings,
+    ) -> Result<Self> {
+        optim.validate()?;
+        if distiller.is_some() && teacher.is_none() {
+            candle_core::bail!("distillation needs a teacher");
+        }
+        let sgd = |lr| SgdConfig { lr, momentum: optim.momentum, weight_decay: optim.weight_decay };
+        let student_params = trainable(&student_vars);
+        let student_opt = Sgd::new(student_params.iter().map(|(_, v)| v.clone()).collect(), sgd(optim.lr))?;
+        let holistic = distiller.as_ref().and_then(|d| d.holistic());
+        let critic_params = holistic.map(|h| h.trainable_vars()).unwrap_or_default();
+        let critic_lr = holistic.map(|h| h.config().lr).unwrap_or(0.0);
+        let critic_opt = holistic
+            .map(|_| Sgd::new(critic_params.iter().map(|(_, v)| v.clone()).collect(), sgd(critic_lr)))
+            .transpose()?;
+        Ok(Self {
+            task,
+            student,
+            student_vars,
+            teacher,
+            distiller,
+            student_opt,
+            critic_opt,
+            student_params,
+            critic_params,
+            optim,
+            critic_lr,
+            seed,
+            max_skips: max_skips.max(1),
+            consecutive_skips: 0,
+        })
+    }
+
+    pub fn optim(&self) -> &OptimConfig {
+        &self.optim
+    }
+
+    /// One training step at 0-based `iteration`. An error means the run must stop (including
+    /// `max_skips` non-finite steps in a row; the last checkpoint is untouched).
+    pub fn step(&mut self, batch: &T::Batch, iteration: usize) -> Result<StepReport> {
+        let lr = poly_lr(self.optim.lr, iteration + 1, self.optim.iterations, self.optim.power);
+        self.student_opt.set_learning_rate(lr);
+        if let Some(opt) = &mut self.critic_opt {
+            opt.set_learning_rate(poly_lr(self.critic_lr, iteration + 1, self.optim.iterations, self.optim.power));
+        }
+        let it = iteration as u64;
+        self.student.reseed(SplitMix64::derive(&[self.seed, it, 1]).next_u64());
+        if let Some(h) = self.distiller.as_ref().and_then(|d| d.holistic()) {
+            h.set_seed(SplitMix64::derive(&[self.seed, it, 2]).next_u64());
+        }
+
+        let x = self.task.images(batch);
+        let t = self
+            .teacher
+            .as_ref()
+            .map(|t| Ok::<_, candle_core::Error>(T::Net::dense(&t.forward_t(x, false)?)))
+            .transpose()?;
+        let out = self.student.forward_t(x, true)?;
+        let s = T::Net::dense(&out);
+        let mut losses = self.task.task_loss(&out, batch)?;
+        if let (Some(d), Some(t)) = (&self.distiller, &t) {
+            losses.extend(d.student_losses(&s, t)?);
+        }
+        let values = losses.values()?;
+        let total = losses.total()?;
+        let mut report = StepReport {
+            iteration,
+            lr,
+            total: total.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?,
+            losses: values,
+            critic_loss: None,
+            skipped: None,
+        };
+        let mut problem =
+            report.losses.iter().find(|(_, v)| !v.is_finite()).map(|(n, v)| format!("loss term {n} = {v}"));
+        if problem.is_none() {
+            let grads = total.backward()?;
+            if grads_finite(&grads, &self.student_params)? {
+                self.student_opt.step(&grads)?;
+            } else {
+                problem = Some("non-finite student gradient".into());
+            }
+        }
+        if problem.is_none()
+            && let (Some(d), Some(t), Some(opt)) = (&self.distiller, &t, &mut self.critic_opt)
+            && let Some(critic) = d.critic_loss(&s.detach(), t)?
+        {
+            let value = critic.loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+            report.critic_loss = Some(value);
+            let holistic = d.holistic().expect("a critic loss means a holistic term");
+            if !value.is_finite() {
+                problem = Some(format!("critic loss = {value}"));
+            } else {
+                let grads = holistic.critic_grads(&critic.loss)?;
+                if grads_finite(&grads, &self.critic_params)? {
+                    opt.step(&grads)?;
+                } else {
+                    problem = Some("non-finite critic gradient".into());
+                }
+            }
+        }
+        match guard(problem.is_none(), self.consecutive_skips, self.max_skips) {
+            Guard::Apply => self.consecutive_skips = 0,
+            Guard::Skip => {
+                self.consecutive_skips += 1;
+                report.skipped = problem;
+            }
+            Guard::Stop => candle_core::bail!(
+                "stopping at iteration {iteration}: {} non-finite steps in a row (last: {}); the last checkpoint is intact — \
+                 lower the learning rate or switch the critic to hinge (distill.holistic.adversarial.kind=hinge)",
+                self.max_skips,
+                problem.unwrap_or_default()
+            ),
+        }
+        Ok(report)
+    }
+
+    /// Every piece of state a resumed run needs, by name (see [`state`]).
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        let mut dump = |prefix: &str, vm: &VarMap| {
+            let data = vm.data().lock().expect("varmap lock");
+            out.extend(data.iter().map(|(k, v)| (format!("{prefix}/{k}"), v.as_tensor().clone())));
+        };
+        dump("student", &self.student_vars);
+        if let Some(h) = self.distiller.as_ref().and_then(|d| d.holistic()) {
+            dump("critic", h.varmap());
+        }
+        for ((k, _), v) in self.student_params.iter().zip(self.student_opt.velocity()) {
+            out.push((format!("student_velocity/{k}"), v.as_tensor().clone()));
+        }
+        if let Some(opt) = &self.critic_opt {
+            for ((k, _), v) in self.critic_params.iter().zip(opt.velocity()) {
+                out.push((format!("critic_velocity/{k}"), v.as_tensor().clone()));
+            }
+        }
+        out
+    }
+
+    /// Restores what [`Trainer::state_tensors`] saved; every variable must be present.
+    pub fn restore(&mut self, tensors: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+        let mut targets: Vec<(String, Var)> = Vec::new();
+        let mut collect = |prefix: &str, vm: &VarMap| {
+            let data = vm.data().lock().expect("varmap lock");
+            targets.extend(data.iter().map(|(k, v)| (format!("{prefix}/{k}"), v.clone())));
+        };
+        collect("student", &self.student_vars);
+        if let Some(h) = self.distiller.as_ref().and_then(|d| d.holistic()) {
+            collect("critic", h.varmap());
+        }
+        targets.extend(
+            self.student_params
+                .iter()
+                .zip(self.student_opt.velocity())
+                .map(|((k, _), v)| (format!("student_velocity/{k}"), v.clone())),
+        );
+        if let Some(opt) = &self.critic_opt {
+            targets.extend(
+                self.critic_params
+                    .iter()
+                    .zip(opt.velocity())
+                    .map(|((k, _), v)| (format!("critic_velocity/{k}"), v.clone())),
+            );
+        }
+        let missing: Vec<&str> =
+            targets.iter().filter(|(k, _)| !tensors.contains_key(k)).map(|(k, _)| k.as_str()).collect();
+        if !missing.is_empty() {
+            candle_core::bail!(
+                "the training state lacks {} tensors, e.g. {}",
+                missing.len(),
+                missing.iter().take(3).copied().collect::<Vec<_>>().join(", ")
+            );
+        }
+        for (k, v) in targets {
+            v.set(&tensors[&k].to_device(v.device())?)?;
+        }
+        Ok(())
+    }
+}
