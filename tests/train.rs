@@ -214,3 +214,29 @@ fn the_released_protocol_runs_two_iterations_at_a_small_crop() {
     assert_eq!(val.num_images, 2);
     assert!(run_dir.join("student.safetensors").is_file() && run_dir.join("state.safetensors").is_file());
 }
+
+#[test]
+fn the_quick_start_makes_its_data_trains_three_networks_and_prints_one_table() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (data, out) = (dir.path().join("synthetic"), dir.path().join("demo"));
+    let res = skd_seg()
+        .args(["demo", "--budget", "0.02", "--json", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("demo");
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let report: Value = serde_json::from_slice(&res.stdout).expect("one JSON report");
+    let rows = report["rows"].as_array().expect("rows");
+    let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().expect("name")).collect();
+    assert_eq!(names, ["teacher", "student (baseline)", "student + SKD (pi+pa+ho)"]);
+    assert!(rows.iter().all(|r| r["miou"].as_f64().is_some_and(|m| (0.0..=1.0).contains(&m))));
+    assert!(rows[0]["params"].as_u64() > rows[1]["params"].as_u64(), "the teacher is the larger network");
+    assert_eq!(report["train_images"], 300);
+    for run in ["teacher", "student_baseline", "student_skd"] {
+        assert!(out.join(run).join("student.safetensors").is_file(), "{run}");
+    }
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(stderr.contains("== student + SKD (pi+pa+ho)") && stderr.contains("iteration"), "shows what it is doing");
+}

@@ -24,7 +24,7 @@ enum Command {
 
 fn main() -> ExitCode {
     // SAFETY: first statement of main; no other thread exists yet.
-    unsafe { skd::enable_double_backward() };
+    unsafe { skd::init_process() };
     let cli = Cli::parse();
     let name = match cli.command {
         Command::Train => "train",

@@ -15,6 +15,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The quick start: synthetic data, a small teacher, a student without and with SKD, one table.
+    Demo {
+        /// The synthetic Cityscapes-layout set (made if absent).
+        #[arg(long, default_value = "datasets/synthetic")]
+        data: std::path::PathBuf,
+        /// Where the three runs go.
+        #[arg(long, default_value = "runs/demo")]
+        out: std::path::PathBuf,
+        /// Multiplies every run's iterations (e.g. 0.1 for a smoke test, 4 for better numbers).
+        #[arg(long, default_value_t = 1.0)]
+        budget: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print the table as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Train a student (or a teacher) on Cityscapes or any set in its layout.
     Train {
         #[command(subcommand)]
@@ -267,6 +284,17 @@ enum SynthDataset {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Demo { data, out, budget, seed, json } => {
+            anyhow::ensure!(budget > 0.0 && budget.is_finite(), "--budget must be positive, got {budget}");
+            let opts = skd::seg::demo::DemoOptions { data, out, budget, seed, verbose: true };
+            let report = skd::seg::demo::run_demo(&opts)?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("\n{report}");
+            }
+            Ok(())
+        }
         Command::Train { dataset: TrainDataset::Cityscapes(args) } => train(*args),
         Command::Eval(args) => eval(*args),
         Command::Synth { dataset: SynthDataset::Cityscapes { out, train, val, size, seed } } => {
@@ -306,7 +334,7 @@ fn run(command: Command) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     // SAFETY: first statement of main; no other thread exists yet.
-    unsafe { skd::enable_double_backward() };
+    unsafe { skd::init_process() };
     match run(Cli::parse().command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod cityscapes;
 pub mod config;
 pub mod data;
+pub mod demo;
 pub mod eval;
 pub mod info;
 pub mod loss;

@@ -251,6 +251,15 @@ pub fn run(cfg: &TrainConfig, run_dir: &Path, opts: &RunOptions) -> Result<RunSu
             log.write(&line).map_err(io(&log_path))?;
             let terms: Vec<String> = report.losses.iter().map(|(n, v)| format!("{n} {v:.3}")).collect();
             progress.set_message(terms.join(" "));
+            if opts.verbose && progress.is_hidden() {
+                // No terminal to draw the bar on (a log file, CI): one line per logged step.
+                eprintln!(
+                    "iteration {done}/{total}: {} lr {:.2e} ({:.2}s/it)",
+                    terms.join(" "),
+                    report.lr,
+                    step_start.elapsed().as_secs_f64()
+                );
+            }
             if let Some(why) = &report.skipped {
                 progress.suspend(|| eprintln!("warning: iteration {done}: skipped the update ({why})"));
             }
