@@ -3,7 +3,7 @@
 # with labels only (baseline), + pixel-wise (PI), + pair-wise (PA), + holistic (HO), on the
 # same budget, for several seeds, distilled from one small teacher; prints mean ± std mIoU.
 #
-#   scripts/ablation.sh                      # 3 seeds, the configs' 400 iterations
+#   scripts/ablation.sh                      # 3 seeds, the configs' iterations
 #   SEEDS="0 1" ITERATIONS=200 scripts/ablation.sh
 #
 # Environment: DATA (synthetic set, made if absent), OUT (runs), SEEDS, ITERATIONS, TEACHER
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:-datasets/synthetic}
 OUT=${OUT:-runs/ablation}
 SEEDS=${SEEDS:-"0 1 2"}
-ITERATIONS=${ITERATIONS:-400}
+ITERATIONS=${ITERATIONS:-}
 BIN=target/release/skd-seg
 
 cargo build --release --bin skd-seg
@@ -39,7 +39,8 @@ for seed in $SEEDS; do
     esac
     if [ ! -f "$run/student.safetensors" ]; then
       rm -rf "$run"
-      $BIN train cityscapes "${args[@]}" --data "$DATA" --set "seed=$seed" --set "optim.iterations=$ITERATIONS" --run-dir "$run"
+      [ -n "$ITERATIONS" ] && args+=(--set "optim.iterations=$ITERATIONS")
+      $BIN train cityscapes "${args[@]}" --data "$DATA" --set "seed=$seed" --run-dir "$run"
     fi
     echo "$row $seed $(miou "$run/student.safetensors")" | tee -a "$results"
   done

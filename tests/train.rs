@@ -240,3 +240,74 @@ fn the_quick_start_makes_its_data_trains_three_networks_and_prints_one_table() {
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert!(stderr.contains("== student + SKD (pi+pa+ho)") && stderr.contains("iteration"), "shows what it is doing");
 }
+
+#[test]
+fn non_finite_steps_are_skipped_and_too_many_in_a_row_stop_with_the_checkpoint_intact() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (data, teacher) = fixtures(dir.path());
+    let mut cfg = tiny_config(&data, &teacher, 20);
+    cfg["checkpoint_every"] = json!(1);
+    cfg["max_skips"] = json!(3);
+    let run_dir = dir.path().join("run");
+    // Four good iterations, then the run is stopped (here: it ends) ...
+    let mut good = cfg.clone();
+    good["optim"]["iterations"] = json!(4);
+    let good: TrainConfig = serde_json::from_value(good).expect("config");
+    run(&good, &run_dir, &RunOptions::default()).expect("four good iterations");
+    // ... and resumed with a learning rate that blows the weights up at the next update.
+    cfg["optim"]["lr"] = json!(1e30);
+    let bad: TrainConfig = serde_json::from_value(cfg).expect("config");
+    let err =
+        run(&bad, &run_dir, &RunOptions { resume: true, ..Default::default() }).expect_err("must stop").to_string();
+    assert!(err.contains("3 non-finite steps in a row") && err.contains("the last checkpoint is intact"), "{err}");
+    let logged = steps(&run_dir);
+    let skipped: Vec<u64> = logged.iter().filter(|(_, v)| !v["skipped"].is_null()).map(|(i, _)| *i).collect();
+    assert_eq!(skipped.len(), 2, "two skips logged before the third stops the run");
+    let (state, done) = skd::train::state::load_state(&run_dir).expect("the state still loads");
+    // The last checkpoint before the skips (an update that overflows to inf is never written).
+    assert!((4..6).contains(&done), "{done}");
+    assert!(
+        state
+            .values()
+            .all(|t| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).is_ok_and(|v| v.iter().all(|x| x.is_finite())))
+    );
+}
+
+#[test]
+fn check_teacher_and_list_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (data, teacher) = fixtures(dir.path());
+    // A list file of `image label` lines, as the reference's train.lst.
+    let split = skd::seg::cityscapes::Split::discover(&data, "train").expect("split");
+    let lines: Vec<String> = split.samples[..3]
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {}",
+                s.image.strip_prefix(&data).expect("rel").display(),
+                s.label.strip_prefix(&data).expect("rel").display()
+            )
+        })
+        .collect();
+    let list = dir.path().join("train.lst");
+    std::fs::write(&list, lines.join("\n")).expect("list");
+    let listed = skd::seg::cityscapes::Split::from_list(&data, &list, "train").expect("list split");
+    assert_eq!(listed.samples, split.samples[..3].to_vec());
+    let mut cfg = tiny_config(&data, &teacher, 1);
+    cfg["data"]["train_list"] = json!(list);
+    let cfg_path = dir.path().join("cfg.json");
+    std::fs::write(&cfg_path, cfg.to_string()).expect("cfg");
+    let out = skd_seg()
+        .args(["train", "cityscapes", "--check-teacher", "1", "--config"])
+        .arg(&cfg_path)
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("teacher check on 1 val images: mIoU") && stderr.contains("data: 3 train images"),
+        "{stderr}"
+    );
+}

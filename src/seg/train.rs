@@ -114,6 +114,17 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const LOG_FILE: &str = "train.jsonl";
 pub const STUDENT_FILE: &str = "student.safetensors";
 
+/// Every value of every tensor is finite.
+fn all_finite(tensors: &[(String, Tensor)]) -> candle_core::Result<bool> {
+    for (_, t) in tensors {
+        let s = t.to_dtype(candle_core::DType::F32)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+        if !s.is_finite() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// The val split, limited to the first `limit` images; `None` when the dataset has none.
 fn val_split(cfg: &TrainConfig, limit: Option<usize>) -> Result<Option<Split>, TrainError> {
     match Split::discover(&cfg.data.root, &cfg.data.val_split) {
@@ -266,8 +277,16 @@ pub fn run(cfg: &TrainConfig, run_dir: &Path, opts: &RunOptions) -> Result<RunSu
         }
         progress.inc(1);
         if checkpoint_due(done, cfg.checkpoint_every, total) {
-            save_state(run_dir, trainer.state_tensors(), done)?;
-            save(&run_dir.join(STUDENT_FILE), &trainer.student_vars, &student_cfg, cfg.student.model.preset())?;
+            let state = trainer.state_tensors();
+            if all_finite(&state)? {
+                save_state(run_dir, state, done)?;
+                save(&run_dir.join(STUDENT_FILE), &trainer.student_vars, &student_cfg, cfg.student.model.preset())?;
+            } else {
+                // Keep the last good checkpoint: an update can overflow without a non-finite loss.
+                progress.suspend(|| eprintln!("warning: iteration {done}: non-finite weights, checkpoint not written"));
+                log.write(&json!({ "iteration": done, "checkpoint_skipped": "non-finite weights" }))
+                    .map_err(io(&log_path))?;
+            }
         }
         let val_due = done == total || (cfg.val_every > 0 && done % cfg.val_every == 0);
         if let (true, Some(v)) = (val_due, &val) {
