@@ -56,18 +56,84 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Measure throughput: `--mode data` (decoding + confusion matrix); train and infer land
-    /// with issue #7.
-    Bench {
-        /// data (train and infer: issue #7).
-        #[arg(long, default_value = "data")]
-        mode: String,
-        /// Dataset root in the Cityscapes layout.
-        #[arg(long, default_value = "datasets/cityscapes")]
-        data: std::path::PathBuf,
-        #[arg(long, default_value = "val")]
-        split: String,
-    },
+    /// Measure speed, printing one JSON line (the fields of shared/reference/torch_bench.py).
+    Bench(Box<BenchArgs>),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// train (the real SKD step), infer (student forward + upsample + argmax) or data
+    /// (decoding + confusion matrix over a split).
+    #[arg(long, default_value = "train")]
+    mode: String,
+    #[arg(long, default_value = "pspnet-r18")]
+    student: String,
+    /// The teacher preset (r101 and r18 are short for pspnet-r101 and pspnet-r18).
+    #[arg(long, default_value = "pspnet-r101")]
+    teacher: String,
+    #[arg(long, num_args = 2, value_names = ["H", "W"], default_values_t = [512, 512])]
+    size: Vec<usize>,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Distillation terms, a comma list of pi, pa, ho ("" = CE only).
+    #[arg(long, default_value = "pi,pa,ho")]
+    terms: String,
+    /// Infer: time the network only (no upsample + argmax).
+    #[arg(long)]
+    no_postprocess: bool,
+    /// cpu, cuda or cuda:N (default: $SKD_DEVICE, else cpu).
+    #[arg(long)]
+    device: Option<String>,
+    /// Dataset root for --mode data.
+    #[arg(long, default_value = "datasets/cityscapes")]
+    data: std::path::PathBuf,
+    #[arg(long, default_value = "val")]
+    split: String,
+    /// One JSON line (as torch_bench.py prints) instead of the indented object.
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    let show =
+        |v: serde_json::Value| if a.json { v.to_string() } else { serde_json::to_string_pretty(&v).expect("json") };
+    let line = match a.mode.as_str() {
+        "data" => show(serde_json::to_value(skd::seg::bench::data_throughput(
+            &skd::seg::cityscapes::Split::discover(&a.data, &a.split)?,
+        )?)?),
+        "train" | "infer" => {
+            let preset = |p: &str| if p.starts_with("pspnet-") { p.to_string() } else { format!("pspnet-{p}") };
+            let terms: Vec<String> = a.terms.split(',').filter(|t| !t.is_empty()).map(str::to_string).collect();
+            if let Some(bad) = terms.iter().find(|t| !["pi", "pa", "ho"].contains(&t.as_str())) {
+                anyhow::bail!("--terms: unknown term {bad:?}; use a comma list of pi, pa, ho");
+            }
+            let cfg = skd::seg::bench::StepBenchConfig {
+                train: a.mode == "train",
+                student: preset(&a.student),
+                teacher: preset(&a.teacher),
+                size: (a.size[0], a.size[1]),
+                batch: a.batch,
+                steps: a.steps.max(1),
+                warmup: a.warmup,
+                terms,
+                postprocess: !a.no_postprocess,
+                device: a.device.clone().or_else(|| std::env::var("SKD_DEVICE").ok()).unwrap_or_else(|| "cpu".into()),
+                seed: a.seed,
+            };
+            show(serde_json::to_value(skd::seg::bench::step_bench(&cfg)?)?)
+        }
+        other => anyhow::bail!("--mode {other:?}: expected train, infer or data"),
+    };
+    println!("{line}");
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -320,15 +386,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Bench { mode, data, split } => {
-            anyhow::ensure!(
-                mode == "data",
-                "bench --mode {mode}: not implemented yet (train and infer are tracked in issue #7)"
-            );
-            let split = skd::seg::cityscapes::Split::discover(&data, &split)?;
-            println!("{}", serde_json::to_string(&skd::seg::bench::data_throughput(&split)?)?);
-            Ok(())
-        }
+        Command::Bench(args) => bench(*args),
     }
 }
 
