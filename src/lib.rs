@@ -31,8 +31,10 @@ pub fn device(name: &str) -> candle_core::Result<candle_core::Device> {
 
 /// Prepares the process for training, first thing in `main`:
 ///
-/// - `CANDLE_GRAD_DO_NOT_DETACH=1`, which Candle reads once per thread at the first backward and
-///   which the WGAN-GP gradient penalty needs (double backward);
+/// - double backward for the WGAN-GP penalty on one worker thread only
+///   (`nn::double_backward`): `CANDLE_GRAD_DO_NOT_DETACH=1` is set, the worker latches it, and it
+///   is removed again, so every other backward stays first-order (a third of the memory). An
+///   explicit `CANDLE_GRAD_DO_NOT_DETACH` in the environment is left as it is, process-wide;
 /// - `RAYON_NUM_THREADS` = the CPUs available, unless set: Candle otherwise re-reads
 ///   `/proc/cpuinfo` on every matmul and counts physical cores only;
 /// - glibc's malloc keeps freed memory instead of returning it to the kernel: every op allocates
@@ -40,10 +42,19 @@ pub fn device(name: &str) -> candle_core::Result<candle_core::Device> {
 ///
 /// # Safety
 /// Call at the start of `main`, before any other thread exists (see [`std::env::set_var`]).
-pub unsafe fn init_process() {
-    // SAFETY: the caller guarantees no other thread reads the environment concurrently.
+pub unsafe fn init_process() -> candle_core::Result<()> {
+    const FLAG: &str = "CANDLE_GRAD_DO_NOT_DETACH";
+    let ours = std::env::var_os(FLAG).is_none();
+    // SAFETY: the caller guarantees no other thread reads the environment concurrently; the
+    // worker started in between has latched the flag before `start` returns.
     unsafe {
-        std::env::set_var("CANDLE_GRAD_DO_NOT_DETACH", "1");
+        if ours {
+            std::env::set_var(FLAG, "1");
+        }
+        nn::double_backward::start()?;
+        if ours {
+            std::env::remove_var(FLAG);
+        }
         if std::env::var_os("RAYON_NUM_THREADS").is_none() {
             let n = std::thread::available_parallelism().map_or(1, |n| n.get());
             std::env::set_var("RAYON_NUM_THREADS", n.to_string());
@@ -56,4 +67,5 @@ pub unsafe fn init_process() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
     }
+    Ok(())
 }

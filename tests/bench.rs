@@ -5,14 +5,31 @@ use std::process::Command;
 use serde_json::Value;
 
 fn bench(args: &[&str]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_skd-seg")).arg("bench").args(args).arg("--json").output().expect("bench");
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_skd-seg")).arg("bench").args(args).arg("--json").output().expect("bench");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("one JSON line")
 }
 
 #[test]
 fn train_and_infer_print_the_twins_fields() {
-    let train = bench(&["--mode", "train", "--teacher", "r18", "--size", "64", "64", "--batch", "2", "--steps", "1", "--warmup", "0", "--terms", "pi,pa"]);
+    let train = bench(&[
+        "--mode",
+        "train",
+        "--teacher",
+        "r18",
+        "--size",
+        "64",
+        "64",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--terms",
+        "pi,pa",
+    ]);
     for key in ["framework", "mode", "device", "size", "batch", "img_per_s", "step_ms_median", "peak_mem_mb"] {
         assert!(!train[key].is_null(), "{key} missing: {train}");
     }

@@ -24,7 +24,10 @@ enum Command {
 
 fn main() -> ExitCode {
     // SAFETY: first statement of main; no other thread exists yet.
-    unsafe { skd::init_process() };
+    if let Err(e) = unsafe { skd::init_process() } {
+        eprintln!("skd: cannot set up the process: {e}");
+        return ExitCode::from(2);
+    }
     let cli = Cli::parse();
     let name = match cli.command {
         Command::Train => "train",

@@ -392,7 +392,10 @@ fn run(command: Command) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     // SAFETY: first statement of main; no other thread exists yet.
-    unsafe { skd::init_process() };
+    if let Err(e) = unsafe { skd::init_process() } {
+        eprintln!("skd: cannot set up the process: {e}");
+        return ExitCode::from(2);
+    }
     match run(Cli::parse().command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -18,9 +18,9 @@
 //!   `GP = mean_b (‖∇_x D(x̂_b)‖₂ − 1)²` at `x̂ = α z_T + (1 − α) z_S`, `α ~ U[0, 1)` per sample;
 //! - critic, hinge: `λ_d · (mean relu(1 − D(z_T)) + mean relu(1 + D(z_S)))`.
 //!
-//! The gradient penalty differentiates a gradient: Candle does this only when
-//! `CANDLE_GRAD_DO_NOT_DETACH=1` was set before the thread's first backward
-//! ([`double_backward_enabled`] checks; the binaries set it at start-up).
+//! The gradient penalty differentiates a gradient: Candle does this only on a thread that saw
+//! `CANDLE_GRAD_DO_NOT_DETACH=1` at its first backward; the inner backward runs through
+//! `nn::double_backward` ([`double_backward_enabled`] checks; the binaries set it up at start).
 
 use std::sync::Mutex;
 
@@ -143,11 +143,9 @@ pub struct GradientPenalty {
     pub grad_norm: Tensor,
 }
 
-/// Whether Candle keeps the graph of gradients on this thread, which the gradient penalty needs.
+/// Whether the gradient penalty's double backward is available (see `nn::double_backward`).
 pub fn double_backward_enabled() -> Result<bool> {
-    let x = Var::new(&[1f32], &Device::Cpu)?;
-    let grads = x.sqr()?.sum_all()?.backward()?;
-    Ok(grads.get(&x).is_some_and(|g| g.track_op()))
+    crate::nn::double_backward::enabled()
 }
 
 /// The WGAN-GP penalty at `x̂ = α z_T + (1 − α) z_S` (both detached), `alpha` of shape `[B]`.
@@ -164,7 +162,7 @@ pub fn gradient_penalty(critic: &Discriminator, z_t: &Tensor, z_s: &Tensor, alph
     let x_hat = (z_t.detach().broadcast_mul(&alpha)? + z_s.detach().broadcast_mul(&(1.0 - alpha)?)?)?;
     let x_hat = Var::from_tensor(&x_hat)?;
     let d_out_interp = critic.forward(&x_hat)?;
-    let grads = d_out_interp.sum_all()?.backward()?;
+    let grads = crate::nn::double_backward::backward_with_graph(&d_out_interp.sum_all()?)?;
     let g = grads
         .get(&x_hat)
         .ok_or_else(|| candle_core::Error::Msg("holistic: the critic's output does not depend on its input".into()))?;

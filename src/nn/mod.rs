@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod conv;
+pub mod double_backward;
 pub mod dropout;
 pub mod init;
 pub mod pool;
