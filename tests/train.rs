@@ -57,6 +57,18 @@ fn bad_config_values_are_refused_before_training() {
     std::fs::write(&bad, r#"{"optim": {"iterations": 10, "lerning_rate": 1}}"#).expect("write");
     let e = TrainConfig::load(Some(&bad), &[]).expect_err("unknown key").to_string();
     assert!(e.contains("bad.json") && e.contains("unknown field `lerning_rate`"), "{e}");
+    // A missing teacher file stops the command before anything is loaded.
+    let out = skd_seg()
+        .args(["train", "cityscapes", "--teacher", "/nonexistent/teacher.pth", "--data"])
+        .arg(dir.path())
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("teacher weights /nonexistent/teacher.pth not found"), "{e}");
+    assert!(!dir.path().join("run").exists(), "nothing was written");
 }
 
 /// A small network config as JSON (ResNet-18 deep stem at a fraction of the width).

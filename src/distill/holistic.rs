@@ -152,8 +152,8 @@ pub fn double_backward_enabled() -> Result<bool> {
 pub fn gradient_penalty(critic: &Discriminator, z_t: &Tensor, z_s: &Tensor, alpha: &Tensor) -> Result<GradientPenalty> {
     if !double_backward_enabled()? {
         candle_core::bail!(
-            "holistic: the WGAN-GP gradient penalty needs double backward; set CANDLE_GRAD_DO_NOT_DETACH=1 \
-             before the first backward (the skd binaries do), or use the hinge critic"
+            "holistic: the WGAN-GP gradient penalty needs double backward; call skd::init_process() first \
+             thing in main (the skd binaries do) or set CANDLE_GRAD_DO_NOT_DETACH=1, or use the hinge critic"
         );
     }
     let b = z_t.dim(0)?;

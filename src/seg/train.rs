@@ -279,7 +279,7 @@ pub fn run(cfg: &TrainConfig, run_dir: &Path, opts: &RunOptions) -> Result<RunSu
         if checkpoint_due(done, cfg.checkpoint_every, total) {
             let state = trainer.state_tensors();
             if all_finite(&state)? {
-                save_state(run_dir, state, done)?;
+                save_state(run_dir, state, done, &resolved)?;
                 save(&run_dir.join(STUDENT_FILE), &trainer.student_vars, &student_cfg, cfg.student.model.preset())?;
             } else {
                 // Keep the last good checkpoint: an update can overflow without a non-finite loss.

@@ -4,7 +4,8 @@
 //! the critic (parameters, BN statistics, spectral-norm vectors) and both optimisers'
 //! velocities, with the number of finished iterations in its metadata. Data order, dropout
 //! masks and the critic's `α` are derived from `(seed, iteration)`, so nothing else is needed to
-//! resume exactly. Writes are atomic (temp file, fsync, rename).
+//! resume exactly. The run's config rides along in the metadata. Writes are atomic (temp file,
+//! fsync, rename).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -20,11 +21,18 @@ pub fn checkpoint_due(done: usize, every: usize, total: usize) -> bool {
     done == total || (every > 0 && done.is_multiple_of(every))
 }
 
-pub fn save_state(run_dir: &Path, tensors: Vec<(String, Tensor)>, iterations_done: usize) -> weights::Result<()> {
+/// Writes the state after `iterations_done` iterations, with the run's resolved `config` (JSON).
+pub fn save_state(
+    run_dir: &Path,
+    tensors: Vec<(String, Tensor)>,
+    iterations_done: usize,
+    config: &str,
+) -> weights::Result<()> {
     let tensors: BTreeMap<String, Tensor> = tensors.into_iter().collect();
     let meta = weights::skd_metadata([
         ("kind".to_string(), "training-state".to_string()),
         ("iterations_done".to_string(), iterations_done.to_string()),
+        ("config".to_string(), config.to_string()),
     ]);
     weights::save(&run_dir.join(STATE_FILE), &tensors, meta)
 }
