@@ -59,10 +59,6 @@ impl Losses {
         self.0.extend(other.0);
     }
 
-    pub fn get(&self, name: &str) -> Option<&Tensor> {
-        self.0.iter().find(|(n, _)| *n == name).map(|(_, t)| t)
-    }
-
     pub fn iter(&self) -> impl Iterator<Item = &(&'static str, Tensor)> {
         self.0.iter()
     }

@@ -194,10 +194,6 @@ impl<T: Task> Trainer<T> {
         })
     }
 
-    pub fn optim(&self) -> &OptimConfig {
-        &self.optim
-    }
-
     /// One training step at 0-based `iteration`. An error means the run must stop (including
     /// `max_skips` non-finite steps in a row; the last checkpoint is untouched).
     pub fn step(&mut self, batch: &T::Batch, iteration: usize) -> Result<StepReport> {
