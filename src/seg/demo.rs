@@ -60,14 +60,6 @@ fn describe(cfg: &PspConfig) -> String {
     format!("ResNet-{} (deep stem) x{}, PSP {}", blocks * 2 + 2, b.width, cfg.psp_out)
 }
 
-fn params(cfg: &PspConfig) -> candle_core::Result<usize> {
-    Ok(super::weights::expected_params(cfg)?
-        .iter()
-        .filter(|(k, _)| !crate::nn::is_buffer(k))
-        .map(|(_, s)| s.iter().product::<usize>())
-        .sum())
-}
-
 fn config(json: &str, opts: &DemoOptions, teacher: Option<&Path>) -> Result<TrainConfig, TrainError> {
     let mut cfg: TrainConfig = serde_json::from_str(json)
         .map_err(|e| super::config::ConfigError::Invalid(format!("embedded demo config: {e}")))?;
@@ -120,7 +112,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<DemoReport, TrainError> {
         rows.push(DemoRow {
             name,
             network: describe(&net_cfg),
-            params: params(&net_cfg)?,
+            params: super::info::count_params(&net_cfg)?,
             iterations: cfg.optim.iterations,
             miou: scores.miou,
             train_seconds,

@@ -27,7 +27,8 @@ pub struct ModelInfo {
     pub macs_without_dsn: u64,
 }
 
-fn count_params(cfg: &PspConfig) -> Result<usize> {
+/// Trainable parameters of the network `cfg` describes (BatchNorm statistics excluded).
+pub fn count_params(cfg: &PspConfig) -> Result<usize> {
     Ok(expected_params(cfg)?.iter().filter(|(k, _)| !is_buffer(k)).map(|(_, s)| s.iter().product::<usize>()).sum())
 }
 

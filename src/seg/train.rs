@@ -114,17 +114,6 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const LOG_FILE: &str = "train.jsonl";
 pub const STUDENT_FILE: &str = "student.safetensors";
 
-/// Every value of every tensor is finite.
-fn all_finite(tensors: &[(String, Tensor)]) -> candle_core::Result<bool> {
-    for (_, t) in tensors {
-        let s = t.to_dtype(candle_core::DType::F32)?.abs()?.sum_all()?.to_scalar::<f32>()?;
-        if !s.is_finite() {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
 /// The val split, limited to the first `limit` images; `None` when the dataset has none.
 fn val_split(cfg: &TrainConfig, limit: Option<usize>) -> Result<Option<Split>, TrainError> {
     match Split::discover(&cfg.data.root, &cfg.data.val_split) {
@@ -278,7 +267,7 @@ pub fn run(cfg: &TrainConfig, run_dir: &Path, opts: &RunOptions) -> Result<RunSu
         progress.inc(1);
         if checkpoint_due(done, cfg.checkpoint_every, total) {
             let state = trainer.state_tensors();
-            if all_finite(&state)? {
+            if crate::train::all_finite(state.iter().map(|(_, t)| t))? {
                 save_state(run_dir, state, done, &resolved)?;
                 save(&run_dir.join(STUDENT_FILE), &trainer.student_vars, &student_cfg, cfg.student.model.preset())?;
             } else {

@@ -47,7 +47,17 @@ fn matching_preset(sd: &StateDict) -> Option<&'static str> {
 
 /// Reads, converts and checks `src` against `cfg`, naming the preset the file fits on a mismatch.
 fn read_checked(cfg: &PspConfig, src: &WeightsSource, mode: LoadMode) -> weights::Result<(StateDict, LoadReport)> {
-    let mut sd = weights::read(&src.path)?.convert(src.layout, src.bn)?;
+    check(cfg, weights::read(&src.path)?, src, mode)
+}
+
+/// Converts and checks a read state dict against `cfg`.
+fn check(
+    cfg: &PspConfig,
+    sd: StateDict,
+    src: &WeightsSource,
+    mode: LoadMode,
+) -> weights::Result<(StateDict, LoadReport)> {
+    let mut sd = sd.convert(src.layout, src.bn)?;
     let expected = expected_params(cfg)?;
     match sd.check(&expected, mode) {
         Ok(report) => Ok((sd, report)),
@@ -63,7 +73,14 @@ fn read_checked(cfg: &PspConfig, src: &WeightsSource, mode: LoadMode) -> weights
 
 /// A frozen network: plain tensors, no variables, for evaluation or as a teacher.
 pub fn load_frozen(cfg: &PspConfig, src: &WeightsSource, device: &Device) -> weights::Result<(PspNet, LoadReport)> {
-    let (sd, report) = read_checked(cfg, src, LoadMode::Strict)?;
+    frozen(cfg, read_checked(cfg, src, LoadMode::Strict)?, device)
+}
+
+fn frozen(
+    cfg: &PspConfig,
+    (sd, report): (StateDict, LoadReport),
+    device: &Device,
+) -> weights::Result<(PspNet, LoadReport)> {
     let vb = VarBuilder::from_tensors(sd.into_tensors(device)?, DType::F32, device);
     Ok((PspNet::new(cfg, vb)?, report))
 }
@@ -96,8 +113,9 @@ pub fn load_checkpoint(
     preset: Option<&str>,
     device: &Device,
 ) -> weights::Result<(PspNet, PspConfig, LoadReport)> {
-    let stored = weights::read(&src.path)?.metadata.get("config").cloned();
-    let cfg = match (stored, preset) {
+    // Read once: the metadata names the architecture, the tensors fill it.
+    let sd = weights::read(&src.path)?;
+    let cfg = match (sd.metadata.get("config").cloned(), preset) {
         (_, Some(name)) => PspConfig::preset(name)?,
         (Some(json), None) => serde_json::from_str(&json).map_err(|e| WeightsError::Corrupt {
             path: src.path.clone(),
@@ -110,7 +128,7 @@ pub fn load_checkpoint(
             });
         }
     };
-    let (net, report) = load_frozen(&cfg, src, device)?;
+    let (net, report) = frozen(&cfg, check(&cfg, sd, src, LoadMode::Strict)?, device)?;
     Ok((net, cfg, report))
 }
 

@@ -126,15 +126,18 @@ pub fn trainable(varmap: &VarMap) -> Vec<(String, Var)> {
     vars
 }
 
-/// `Σ ‖g‖²` over the gradients of `vars` is finite.
-fn grads_finite(grads: &candle_core::backprop::GradStore, vars: &[(String, Var)]) -> Result<bool> {
+/// Every value of every tensor is finite (a sum of squares overflows or turns NaN otherwise).
+pub fn all_finite<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> Result<bool> {
     let mut total = 0f64;
-    for (_, v) in vars {
-        if let Some(g) = grads.get(v) {
-            total += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-        }
+    for t in tensors {
+        total += t.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
     }
     Ok(total.is_finite())
+}
+
+/// The gradients of `vars` are finite.
+fn grads_finite(grads: &candle_core::backprop::GradStore, vars: &[(String, Var)]) -> Result<bool> {
+    all_finite(vars.iter().filter_map(|(_, v)| grads.get(v)))
 }
 
 pub struct Trainer<T: Task> {
