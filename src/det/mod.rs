@@ -1,0 +1,3 @@
+//! The detection task plugin (FCOS on COCO-format data).
+
+pub mod coco;
