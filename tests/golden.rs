@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use serde_json::Value;
 use skd::backbone::{Block, ResNetConfig, Stem};
+use skd::det::loss::{HeadOutputs, IouLoss, LossConfig, fcos_losses};
+use skd::det::postprocess::{Detections, PostprocessConfig, candidates, nms, select};
+use skd::det::targets::{GtBoxes, ImageTargets, Levels, Locations, TargetConfig, compute_targets};
 use skd::distill::holistic::{Adversarial, HolisticConfig, critic_adv_loss, generator_adv_loss, gradient_penalty};
 use skd::distill::{Holistic, NodePool, PixelWiseLoss, pair_wise, pixel_wise_loss};
 use skd::nn::{MaxPool2d, adaptive_avg_pool2d, resize_bilinear};
@@ -30,12 +33,7 @@ const NET: f64 = 1e-4;
 const NET_GRAD: f64 = 1e-3;
 
 /// Kinds whose checks land with later issues: kind -> issue.
-const PENDING: &[(&str, &str)] = &[
-    ("fcos_targets", "FCOS (#6)"),
-    ("fcos_loss", "FCOS (#6)"),
-    ("fcos_postprocess", "FCOS (#6)"),
-    ("nms", "FCOS (#6)"),
-];
+const PENDING: &[(&str, &str)] = &[];
 
 struct Golden {
     dir: PathBuf,
@@ -119,6 +117,24 @@ impl Checker {
         // NaN fails too.
         if err.is_nan() || err > bound {
             self.mismatches.push(format!("{name}: max error {err:.3e} > {bound:.3e} (max|ref| {ref_max:.3e})"));
+        }
+        Ok(())
+    }
+}
+
+impl Checker {
+    /// Values that must match exactly (labels, indices, counts), or within `atol`.
+    fn values(&mut self, g: &Golden, name: &str, got: &[f64], atol: f64) -> Result<()> {
+        let want = g.t(name)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        self.compared += 1;
+        if got.len() != want.len() {
+            self.mismatches.push(format!("{name}: {} values, expected {}", got.len(), want.len()));
+            return Ok(());
+        }
+        let bad = got.iter().zip(&want).position(|(a, b)| !((a - b).abs() <= atol));
+        if let Some(i) = bad {
+            let n = got.iter().zip(&want).filter(|(a, b)| !((*a - *b).abs() <= atol)).count();
+            self.mismatches.push(format!("{name}: {n} values differ, first at {i}: {} vs {}", got[i], want[i]));
         }
         Ok(())
     }
@@ -405,6 +421,166 @@ fn check_pspnet_train_step(g: &Golden, c: &mut Checker) -> Result<()> {
     Ok(())
 }
 
+const FCOS_LEVELS: [&str; 5] = ["p3", "p4", "p5", "p6", "p7"];
+
+fn host(t: &Tensor) -> Result<Vec<f64>> {
+    t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()
+}
+
+fn gt_boxes(g: &Golden, boxes: &str, labels: &str) -> Result<GtBoxes> {
+    let b = host(g.t(boxes)?)?;
+    Ok(GtBoxes {
+        boxes: b.chunks(4).map(|c| [c[0] as f32, c[1] as f32, c[2] as f32, c[3] as f32]).collect(),
+        labels: host(g.t(labels)?)?.into_iter().map(|l| l as u32).collect(),
+    })
+}
+
+fn target_config(g: &Golden) -> Result<TargetConfig> {
+    Ok(TargetConfig {
+        center_sampling_radius: g.f64("center_sampling_radius")?,
+        norm_reg_targets: g.params["norm_reg_targets"].as_bool().unwrap_or(false),
+    })
+}
+
+fn check_targets(g: &Golden, c: &mut Checker, t: &[&ImageTargets], prefix: &str) -> Result<()> {
+    let labels: Vec<f64> = t.iter().flat_map(|t| t.labels.iter().map(|&l| l as f64)).collect();
+    let reg: Vec<f64> = t.iter().flat_map(|t| t.reg.iter().flatten().copied()).collect();
+    let ctr: Vec<f64> = t.iter().flat_map(|t| t.centerness.iter().copied()).collect();
+    c.values(g, &format!("{prefix}labels"), &labels, 0.0)?;
+    c.values(g, &format!("{prefix}reg{}", if prefix.is_empty() { "_targets" } else { "" }), &reg, 1e-6)?;
+    c.values(g, &format!("{prefix}{}", if prefix.is_empty() { "centerness_targets" } else { "ctr" }), &ctr, 1e-6)
+}
+
+fn check_fcos_targets(g: &Golden, c: &mut Checker) -> Result<()> {
+    let strides: Vec<usize> = host(g.t("strides")?)?.into_iter().map(|s| s as usize).collect();
+    let soi = host(g.t("sizes_of_interest")?)?;
+    let levels = Levels { strides, sizes_of_interest: soi.chunks(2).map(|p| (p[0], p[1])).collect() };
+    let image = host(g.t("image_size")?)?;
+    let sizes = levels.feature_sizes((image[0] as usize, image[1] as usize));
+    c.values(g, "feature_sizes", &sizes.iter().flat_map(|&(h, w)| [h as f64, w as f64]).collect::<Vec<_>>(), 0.0)?;
+    let locations = Locations::new(&levels.strides, &sizes);
+    c.values(g, "locations", &locations.points.iter().flatten().copied().collect::<Vec<_>>(), 0.0)?;
+    c.values(g, "level", &locations.level.iter().map(|&l| l as f64).collect::<Vec<_>>(), 0.0)?;
+    let t = compute_targets(&locations, &levels, &gt_boxes(g, "gt_boxes", "gt_labels")?, &target_config(g)?);
+    let matched: Vec<f64> = t.matched.iter().map(|m| m.map_or(-1.0, |i| i as f64)).collect();
+    c.values(g, "matched_gt", &matched, 0.0)?;
+    check_targets(g, c, &[&t], "")
+}
+
+fn check_fcos_loss(g: &Golden, c: &mut Checker) -> Result<()> {
+    let level_vars = |what: &str| FCOS_LEVELS.iter().map(|p| g.var(&format!("{what}_{p}"))).collect::<Result<Vec<_>>>();
+    let (cls, reg, ctr) = (level_vars("cls_logits")?, level_vars("bbox_reg")?, level_vars("centerness")?);
+    let head = HeadOutputs {
+        cls_logits: cls.iter().map(|v| v.as_tensor().clone()).collect(),
+        bbox_reg: reg.iter().map(|v| v.as_tensor().clone()).collect(),
+        centerness: ctr.iter().map(|v| v.as_tensor().clone()).collect(),
+    };
+    let levels = Levels::default();
+    let sizes = head.cls_logits.iter().map(|t| Ok((t.dim(2)?, t.dim(3)?))).collect::<Result<Vec<_>>>()?;
+    let locations = Locations::new(&levels.strides, &sizes);
+    let targets = (0..g.usize("batch")?)
+        .map(|n| {
+            let gt = gt_boxes(g, &format!("gt_boxes_{n}"), &format!("gt_labels_{n}"))?;
+            Ok(compute_targets(&locations, &levels, &gt, &target_config(g)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    check_targets(g, c, &targets.iter().collect::<Vec<_>>(), "target_")?;
+    let iou_loss = match g.params["iou_loss_type"].as_str() {
+        Some("iou") => IouLoss::Iou,
+        Some("linear_iou") => IouLoss::LinearIou,
+        Some("giou") => IouLoss::Giou,
+        other => candle_core::bail!("unknown iou_loss_type {other:?}"),
+    };
+    let cfg = LossConfig { focal_alpha: g.f64("focal_alpha")?, focal_gamma: g.f64("focal_gamma")?, iou_loss };
+    let losses = fcos_losses(&head, &targets, &cfg)?;
+    c.values(g, "num_pos", &[losses.num_pos as f64], 0.0)?;
+    let sum_ctr = g.t("sum_ctr_targets")?.flatten_all()?.to_vec1::<f32>()?[0] as f64;
+    c.values(g, "sum_ctr_targets", &[losses.sum_ctr_targets], 1e-5 * sum_ctr.abs().max(1.0))?;
+    c.close(g, "loss_cls", &losses.cls, 1e-4)?;
+    c.close(g, "loss_reg", &losses.reg, 1e-4)?;
+    c.close(g, "loss_ctr", &losses.ctr, 1e-4)?;
+    let total = ((&losses.cls + &losses.reg)? + &losses.ctr)?;
+    c.close(g, "loss_total", &total, 1e-4)?;
+    let grads = total.backward()?;
+    for (what, vars) in [("cls_logits", &cls), ("bbox_reg", &reg), ("centerness", &ctr)] {
+        for (p, v) in FCOS_LEVELS.iter().zip(vars.iter()) {
+            let grad = grads.get(v).ok_or_else(|| candle_core::Error::Msg(format!("no gradient for {what}_{p}")))?;
+            c.close(g, &format!("grad_{what}_{p}"), grad, 1e-5)?;
+        }
+    }
+    Ok(())
+}
+
+/// Detections compared as the reference README says: the set of (location, label) exactly,
+/// boxes within 1e-3 px and scores within 1e-6 per pair.
+fn check_detections(g: &Golden, c: &mut Checker, d: &Detections, prefix: &str, n: usize) -> Result<()> {
+    let field = |f: &str| -> Result<Vec<f64>> { host(g.t(&format!("{prefix}{f}_{n}"))?) };
+    let (want_loc, want_labels, want_boxes, want_scores) =
+        (field("loc")?, field("labels")?, field("boxes")?, field("scores")?);
+    c.compared += 1;
+    let want: HashMap<(usize, u32), usize> =
+        want_loc.iter().zip(&want_labels).enumerate().map(|(i, (&l, &k))| ((l as usize, k as u32), i)).collect();
+    if want.len() != d.len() {
+        c.mismatches.push(format!("{prefix}: {} detections, expected {}", d.len(), want.len()));
+        return Ok(());
+    }
+    for (j, key) in d.locations.iter().zip(&d.labels).enumerate() {
+        let Some(&i) = want.get(&(*key.0, *key.1)) else {
+            c.mismatches.push(format!("{prefix}: detection at location {} label {} is not expected", key.0, key.1));
+            return Ok(());
+        };
+        let box_err = (0..4).map(|r| (d.boxes[j][r] - want_boxes[4 * i + r]).abs()).fold(0f64, f64::max);
+        let score_err = (d.scores[j] - want_scores[i]).abs();
+        if box_err > 1e-3 || score_err > 1e-6 {
+            c.mismatches.push(format!(
+                "{prefix}: location {} label {}: box error {box_err:.2e}, score error {score_err:.2e}",
+                key.0, key.1
+            ));
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+fn check_fcos_postprocess(g: &Golden, c: &mut Checker) -> Result<()> {
+    let level =
+        |what: &str| FCOS_LEVELS.iter().map(|p| Ok(g.t(&format!("{what}_{p}"))?.clone())).collect::<Result<Vec<_>>>();
+    let head = HeadOutputs {
+        cls_logits: level("cls_logits")?,
+        bbox_reg: level("bbox_reg")?,
+        centerness: level("centerness")?,
+    };
+    let strides: Vec<usize> = host(g.t("strides")?)?.into_iter().map(|s| s as usize).collect();
+    let sizes: Vec<(usize, usize)> =
+        host(g.t("image_sizes")?)?.chunks(2).map(|p| (p[0] as usize, p[1] as usize)).collect();
+    let cfg = PostprocessConfig {
+        pre_nms_thresh: g.f64("pre_nms_thresh")?,
+        pre_nms_top_n: g.usize("pre_nms_top_n")?,
+        nms_thresh: g.f64("nms_thresh")?,
+        detections_per_image: g.usize("post_nms_top_n")?,
+        legacy_iou: true,
+    };
+    for (n, cand) in candidates(&head, &strides, &sizes, &cfg)?.iter().enumerate() {
+        let per_level: Vec<f64> = cand.per_level.iter().map(|&v| v as f64).collect();
+        c.values(g, &format!("num_candidates_{n}"), &per_level, 0.0)?;
+        check_detections(g, c, &cand.detections, "pre_nms_", n)?;
+        check_detections(g, c, &select(&cand.detections, &cfg), "", n)?;
+    }
+    Ok(())
+}
+
+fn check_nms(g: &Golden, c: &mut Checker) -> Result<()> {
+    let boxes: Vec<[f64; 4]> = host(g.t("boxes")?)?.chunks(4).map(|b| [b[0], b[1], b[2], b[3]]).collect();
+    let scores = host(g.t("scores")?)?;
+    let classes: Vec<i64> = host(g.t("classes")?)?.into_iter().map(|v| v as i64).collect();
+    let threshold = g.f64("iou_threshold")?;
+    for (name, legacy) in [("keep", true), ("keep_continuous", false)] {
+        let keep: Vec<f64> = nms(&boxes, &scores, &classes, threshold, legacy).into_iter().map(|i| i as f64).collect();
+        c.values(g, name, &keep, 0.0)?;
+    }
+    Ok(())
+}
+
 fn check(g: &Golden, c: &mut Checker) -> Result<()> {
     match g.kind.as_str() {
         "pixel_wise" => check_pixel_wise(g, c, PixelWiseLoss::CrossEntropy),
@@ -429,6 +605,10 @@ fn check(g: &Golden, c: &mut Checker) -> Result<()> {
         "discriminator" => check_discriminator(g, c),
         "pspnet_forward" => check_pspnet_forward(g, c),
         "pspnet_train_step" => check_pspnet_train_step(g, c),
+        "fcos_targets" => check_fcos_targets(g, c),
+        "fcos_loss" => check_fcos_loss(g, c),
+        "fcos_postprocess" => check_fcos_postprocess(g, c),
+        "nms" => check_nms(g, c),
         other => candle_core::bail!("unknown golden kind {other:?}"),
     }
 }

@@ -1,3 +1,6 @@
 //! The detection task plugin (FCOS on COCO-format data).
 
 pub mod coco;
+pub mod loss;
+pub mod postprocess;
+pub mod targets;
