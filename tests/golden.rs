@@ -131,9 +131,11 @@ impl Checker {
             self.mismatches.push(format!("{name}: {} values, expected {}", got.len(), want.len()));
             return Ok(());
         }
-        let bad = got.iter().zip(&want).position(|(a, b)| !((a - b).abs() <= atol));
+        // NaN differs from everything.
+        let differs = |a: f64, b: f64| (a - b).abs().is_nan() || (a - b).abs() > atol;
+        let bad = got.iter().zip(&want).position(|(a, b)| differs(*a, *b));
         if let Some(i) = bad {
-            let n = got.iter().zip(&want).filter(|(a, b)| !((*a - *b).abs() <= atol)).count();
+            let n = got.iter().zip(&want).filter(|(a, b)| differs(**a, **b)).count();
             self.mismatches.push(format!("{name}: {n} values differ, first at {i}: {} vs {}", got[i], want[i]));
         }
         Ok(())
