@@ -116,6 +116,7 @@ fn a_network_evaluates_end_to_end_and_its_saved_predictions_score_the_same() {
             stem: Stem::Deep,
             stem_width: 0.125,
             output_stride: 8,
+            stem_pool_ceil: true,
         },
         num_classes: 19,
         psp_out: 8,

@@ -3,8 +3,8 @@
 use candle_core::{Device, Result, Tensor, Var};
 use skd::distill::holistic::{critic_depth, critic_output_hw, double_backward_enabled};
 use skd::distill::{
-    Adversarial, DenseOutputs, DistillConfig, Distiller, Holistic, HolisticConfig, NodePool, PairWiseConfig,
-    PixelWiseConfig, PixelWiseLoss, pair_wise_loss, pixel_wise_loss,
+    Adversarial, DenseOutputs, DistillConfig, Distiller, Holistic, HolisticConfig, MimicConfig, NodePool,
+    PairWiseConfig, PixelWiseConfig, PixelWiseLoss, pair_wise_loss, pixel_wise_loss,
 };
 
 fn randn(shape: &[usize]) -> Result<Tensor> {
@@ -105,8 +105,9 @@ fn distiller_sums_each_term_over_levels_and_applies_its_weight() -> Result<()> {
         pixel_wise: Some(PixelWiseConfig { weight: 2.0, ..Default::default() }),
         pair_wise: Some(PairWiseConfig { weight: 3.0, scale: None, ..Default::default() }),
         holistic: None,
+        mimic: Some(MimicConfig { weight: 0.5, levels: None }),
     };
-    let d = Distiller::new(&cfg, (4, 16, 16), &Device::Cpu, 0)?;
+    let d = Distiller::new(&cfg, (4, 16, 16), &[(6, 10), (6, 10)], &Device::Cpu, 0)?;
     let (s, t) = (two_levels(4, 6)?, two_levels(4, 10)?);
     let losses = d.student_losses(&s, &t)?;
     let pixel: f32 = (0..2)
@@ -115,11 +116,35 @@ fn distiller_sums_each_term_over_levels_and_applies_its_weight() -> Result<()> {
     let pair: f32 = (0..2)
         .map(|l| pair_wise_loss(&s.features[l], &t.features[l], NodePool::Max, None)?.to_scalar::<f32>())
         .sum::<Result<f32>>()?;
+    let mimic = d.mimic().expect("mimic configured");
+    let mimic_sum: f32 =
+        (0..2).map(|l| mimic.level_loss(l, &s.features[l], &t.features[l])?.to_scalar::<f32>()).sum::<Result<f32>>()?;
     let got = losses.values()?;
-    assert_eq!(got.iter().map(|(n, _)| *n).collect::<Vec<_>>(), ["pixel_wise", "pair_wise"]);
+    assert_eq!(got.iter().map(|(n, _)| *n).collect::<Vec<_>>(), ["pixel_wise", "pair_wise", "mimic"]);
     assert!((got[0].1 - 2.0 * pixel).abs() <= 1e-5 * pixel.abs());
     assert!((got[1].1 - 3.0 * pair).abs() <= 1e-5 * pair.abs());
+    assert!((got[2].1 - 0.5 * mimic_sum).abs() <= 1e-5 * mimic_sum.abs());
+    // 6 -> 10 channels: one 1x1 adapter (weight and bias) per level, all reached by the gradient.
+    let adapters = mimic.trainable_vars();
+    assert_eq!(adapters.len(), 4, "{:?}", adapters.iter().map(|(k, _)| k).collect::<Vec<_>>());
+    let grads = losses.total()?.backward()?;
+    assert!(adapters.iter().all(|(_, v)| grads.get(v).is_some()));
     assert!(d.critic_loss(&s.detach(), &t)?.is_none(), "no holistic term, no critic");
+    Ok(())
+}
+
+#[test]
+fn mimic_is_the_plain_mse_when_channels_match() -> Result<()> {
+    let cfg = DistillConfig { mimic: Some(MimicConfig::default()), ..DistillConfig::none() };
+    let d = Distiller::new(&cfg, (4, 16, 16), &[(6, 6), (6, 6)], &Device::Cpu, 0)?;
+    let (s, t) = (two_levels(4, 6)?, two_levels(4, 6)?);
+    let want: f32 = (0..2)
+        .map(|l| (&s.features[l] - &t.features[l])?.sqr()?.mean_all()?.to_scalar::<f32>())
+        .sum::<Result<f32>>()?;
+    let got = d.student_losses(&s, &t)?.values()?;
+    assert_eq!(got.len(), 1);
+    assert!((got[0].1 - want).abs() <= 1e-5 * want, "{} vs {want}", got[0].1);
+    assert!(d.mimic().expect("mimic").trainable_vars().is_empty(), "no adapter when channels match");
     Ok(())
 }
 
@@ -129,8 +154,9 @@ fn distiller_rejects_a_level_filter_beyond_the_outputs() -> Result<()> {
         pixel_wise: Some(PixelWiseConfig { levels: Some(vec![0, 5]), ..Default::default() }),
         pair_wise: None,
         holistic: None,
+        mimic: None,
     };
-    let d = Distiller::new(&cfg, (4, 16, 16), &Device::Cpu, 0)?;
+    let d = Distiller::new(&cfg, (4, 16, 16), &[], &Device::Cpu, 0)?;
     let err = d.student_losses(&two_levels(4, 6)?, &two_levels(4, 6)?).unwrap_err().to_string();
     assert!(err.contains("distill.pixel_wise.levels: level 5"), "{err}");
     Ok(())
@@ -141,7 +167,7 @@ fn released_protocol_runs_on_small_synthetic_logits() -> Result<()> {
     // The quick start's shape: 19 classes at 17x17 (128 px crops), depth-2 critic.
     let cfg =
         DistillConfig { holistic: Some(HolisticConfig { conv_dim: 8, ..Default::default() }), ..Default::default() };
-    let d = Distiller::new(&cfg, (19, 17, 17), &Device::Cpu, 0)?;
+    let d = Distiller::new(&cfg, (19, 17, 17), &[], &Device::Cpu, 0)?;
     let s_logits = Var::from_tensor(&randn(&[2, 19, 17, 17])?)?;
     let s = DenseOutputs { logits: vec![s_logits.as_tensor().clone()], features: vec![randn(&[2, 8, 17, 17])?] };
     let t = DenseOutputs { logits: vec![randn(&[2, 19, 17, 17])?], features: vec![randn(&[2, 16, 17, 17])?] };

@@ -314,6 +314,7 @@ fn golden_pspnet_config(g: &Golden) -> Result<PspConfig> {
             stem,
             stem_width: g.f64("stem_width")?,
             output_stride: 8,
+            stem_pool_ceil: true,
         },
         num_classes: g.usize("num_classes")?,
         psp_out: g.usize("psp_out")?,

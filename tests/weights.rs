@@ -25,6 +25,7 @@ fn small_r18() -> PspConfig {
             stem: Stem::Deep,
             stem_width: 0.25,
             output_stride: 8,
+            stem_pool_ceil: true,
         },
         num_classes: 19,
         psp_out: 32,

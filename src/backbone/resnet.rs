@@ -61,6 +61,14 @@ pub struct ResNetConfig {
     pub stem_width: f64,
     /// 8, 16 or 32.
     pub output_stride: usize,
+    /// The stem max pool rounds up (the released segmentation code) or down (torchvision and
+    /// FCOS, where every stride-2 layer must map `n` to `n / 2` for inputs padded to 32).
+    #[serde(default = "ceil_mode_default")]
+    pub stem_pool_ceil: bool,
+}
+
+fn ceil_mode_default() -> bool {
+    true
 }
 
 /// `max(1, round(c · m))`, the reference's channel scaling.
@@ -78,6 +86,7 @@ impl ResNetConfig {
             stem: Stem::Deep,
             stem_width: 1.0,
             output_stride: 8,
+            stem_pool_ceil: true,
         }
     }
 
@@ -89,6 +98,21 @@ impl ResNetConfig {
     /// torchvision's ResNet-18 (7x7 stem), output stride 8.
     pub fn r18_7x7() -> Self {
         Self { stem: Stem::Conv7x7, ..Self::r18_deep() }
+    }
+
+    /// torchvision's ResNet-18 as FCOS uses it: 7x7 stem, floor-mode pool, output stride 32.
+    pub fn r18_fcos() -> Self {
+        Self { stem: Stem::Conv7x7, output_stride: 32, stem_pool_ceil: false, ..Self::r18_deep() }
+    }
+
+    /// ResNet-50 as FCOS uses it (stride in the 3x3 conv, torchvision style).
+    pub fn r50_fcos() -> Self {
+        Self { block: Block::Bottleneck, layers: [3, 4, 6, 3], ..Self::r18_fcos() }
+    }
+
+    /// The stem's 3x3, stride-2, padding-1 max pool.
+    pub fn stem_pool(&self) -> MaxPool2d {
+        MaxPool2d::new((3, 3), (2, 2), (1, 1), self.stem_pool_ceil)
     }
 
     /// Planes of layer1..layer4.
@@ -132,6 +156,20 @@ impl ResNetConfig {
 }
 
 /// Conv + BN (+ ReLU in `forward_t`'s caller) — the repeated pair, keys `convK` / `bnK`.
+/// Which part of the network a parameter key (relative to the backbone) belongs to: 0 = the
+/// stem, 1..=4 = layer1..layer4.
+pub fn stage_of(key: &str) -> Option<usize> {
+    match key.strip_prefix("layer") {
+        Some(rest) => rest.chars().next().and_then(|c| c.to_digit(10)).map(|d| d as usize),
+        None => (key.starts_with("conv") || key.starts_with("bn")).then_some(0),
+    }
+}
+
+/// The key (relative to the backbone) is a BatchNorm parameter or statistic.
+pub fn is_norm_key(key: &str) -> bool {
+    key.split('.').any(|part| part.starts_with("bn")) || key.contains("downsample.1.")
+}
+
 #[derive(Debug)]
 struct ConvBn {
     conv: Conv,
@@ -264,7 +302,7 @@ impl ResNet {
                 c_in = planes[s] * cfg.block.expansion();
             }
         }
-        Ok(Self { stem, pool: MaxPool2d::stem(), layers })
+        Ok(Self { stem, pool: cfg.stem_pool(), layers })
     }
 
     /// Multiply-accumulates for a `h x w` image (batch 1), and the size of each stage's output.

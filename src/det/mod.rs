@@ -1,6 +1,8 @@
 //! The detection task plugin (FCOS on COCO-format data).
 
 pub mod coco;
+pub mod fcos;
+pub mod fpn;
 pub mod loss;
 pub mod postprocess;
 pub mod targets;

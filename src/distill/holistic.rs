@@ -29,7 +29,7 @@ use candle_nn::{BatchNorm, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use crate::nn::conv::{Conv, ConvSpec, batch_norm};
-use crate::nn::{SelfAttention, SpectralNormConv2d, SplitMix64, is_buffer};
+use crate::nn::{SelfAttention, SpectralNormConv2d, SplitMix64};
 
 const LRELU_SLOPE: f64 = 0.1;
 
@@ -252,11 +252,7 @@ impl Holistic {
 
     /// The critic's trainable parameters, by key (buffers left out).
     pub fn trainable_vars(&self) -> Vec<(String, Var)> {
-        let data = self.varmap.data().lock().expect("varmap lock");
-        let mut vars: Vec<_> =
-            data.iter().filter(|(k, _)| !is_buffer(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        vars
+        crate::nn::trainable_vars(&self.varmap)
     }
 
     /// Re-keys the `α` stream (e.g. from `(seed, iteration)` for resumable runs).

@@ -9,10 +9,12 @@
 //!     pixel_wise: logits[l]   -> pixel_wise_loss   (per level, summed)
 //!     pair_wise:  features[l] -> pair_wise_loss    (per level, summed)
 //!     holistic:   logits[level] -> −λ_d · mean D(z_S)
+//!     mimic:      features[l]   -> mean((A_l(f_S) − f_T)²)  (per level, summed; A_l = 1x1 adapter)
 //! Distiller::critic_loss(s.detach(), t) -> CriticLoss   (WGAN-GP or hinge; None without holistic)
 //! ```
 
 pub mod holistic;
+pub mod mimic;
 pub mod pair_wise;
 pub mod pixel_wise;
 
@@ -20,6 +22,7 @@ use candle_core::{Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 pub use holistic::{Adversarial, CriticLoss, Discriminator, Holistic, HolisticConfig};
+pub use mimic::{Mimic, MimicConfig};
 pub use pair_wise::{NodePool, pair_wise_loss};
 pub use pixel_wise::{PixelWiseLoss, pixel_wise_loss};
 
@@ -119,6 +122,8 @@ pub struct DistillConfig {
     pub pixel_wise: Option<PixelWiseConfig>,
     pub pair_wise: Option<PairWiseConfig>,
     pub holistic: Option<HolisticConfig>,
+    /// Feature mimicking (not in the released segmentation code).
+    pub mimic: Option<MimicConfig>,
 }
 
 impl Default for DistillConfig {
@@ -127,6 +132,7 @@ impl Default for DistillConfig {
             pixel_wise: Some(PixelWiseConfig::default()),
             pair_wise: Some(PairWiseConfig::default()),
             holistic: Some(HolisticConfig::default()),
+            mimic: None,
         }
     }
 }
@@ -134,7 +140,12 @@ impl Default for DistillConfig {
 impl DistillConfig {
     /// No distillation: the student learns from labels alone.
     pub fn none() -> Self {
-        Self { pixel_wise: None, pair_wise: None, holistic: None }
+        Self { pixel_wise: None, pair_wise: None, holistic: None, mimic: None }
+    }
+
+    /// Whether any term is on (a teacher is needed).
+    pub fn is_active(&self) -> bool {
+        self.pixel_wise.is_some() || self.pair_wise.is_some() || self.holistic.is_some() || self.mimic.is_some()
     }
 
     /// Checks the values that do not depend on the networks.
@@ -163,6 +174,9 @@ impl DistillConfig {
                 candle_core::bail!("distill.holistic.conv_dim must be at least 8, got {}", c.conv_dim);
             }
         }
+        if let Some(c) = &self.mimic {
+            weight_ok("mimic", c.weight)?;
+        }
         Ok(())
     }
 }
@@ -172,6 +186,7 @@ pub struct Distiller {
     pixel_wise: Option<PixelWiseConfig>,
     pair_wise: Option<PairWiseConfig>,
     holistic: Option<Holistic>,
+    mimic: Option<Mimic>,
 }
 
 /// The levels a term covers, checked against the number the networks produce.
@@ -207,17 +222,30 @@ fn check_levels(what: &str, s: &[Tensor], t: &[Tensor]) -> Result<()> {
 
 impl Distiller {
     /// Builds the terms of `cfg`. `logits` is the `[K, H, W]` of the holistic level's score map
-    /// (needed to size the critic; ignored without the holistic term). `seed` keys the critic's
-    /// random stream.
-    pub fn new(cfg: &DistillConfig, logits: (usize, usize, usize), device: &Device, seed: u64) -> Result<Self> {
+    /// (needed to size the critic; ignored without the holistic term); `feature_channels` the
+    /// `(student, teacher)` channels of each feature level (needed to size the mimic adapters;
+    /// ignored without the mimic term). `seed` keys the critic's and the adapters' random streams.
+    pub fn new(
+        cfg: &DistillConfig,
+        logits: (usize, usize, usize),
+        feature_channels: &[(usize, usize)],
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
         cfg.validate()?;
         let holistic = cfg.holistic.map(|h| Holistic::new(h, logits, device, seed)).transpose()?;
-        Ok(Self { pixel_wise: cfg.pixel_wise.clone(), pair_wise: cfg.pair_wise.clone(), holistic })
+        let mimic = cfg.mimic.clone().map(|m| Mimic::new(m, feature_channels, device, seed)).transpose()?;
+        Ok(Self { pixel_wise: cfg.pixel_wise.clone(), pair_wise: cfg.pair_wise.clone(), holistic, mimic })
     }
 
     /// The holistic term (critic), when configured.
     pub fn holistic(&self) -> Option<&Holistic> {
         self.holistic.as_ref()
+    }
+
+    /// The mimic term (adapters, trained with the student), when configured.
+    pub fn mimic(&self) -> Option<&Mimic> {
+        self.mimic.as_ref()
     }
 
     /// The student's weighted distillation terms.
@@ -243,6 +271,12 @@ impl Distiller {
             let l = h.config().level;
             selected_levels("holistic", &Some(vec![l]), s.logits.len())?;
             losses.push("holistic", h.student_loss(&s.logits[l])?);
+        }
+        if let Some(m) = &self.mimic {
+            let levels = selected_levels("mimic", &m.config().levels, s.features.len())?;
+            if let Some(total) = sum_levels(&levels, |l| m.level_loss(l, &s.features[l], &t.features[l]))? {
+                losses.push("mimic", (total * m.config().weight)?);
+            }
         }
         Ok(losses)
     }

@@ -66,8 +66,13 @@ impl Conv {
     pub fn new(spec: ConvSpec, bias: bool, vb: VarBuilder) -> Result<Self> {
         let b = default_bound(spec.c_in * spec.kernel * spec.kernel);
         let init = Init::Uniform { lo: -b, up: b };
-        let weight = vb.get_with_hints((spec.c_out, spec.c_in, spec.kernel, spec.kernel), "weight", init)?;
-        let bias = if bias { Some(vb.get_with_hints(spec.c_out, "bias", init)?) } else { None };
+        Self::with_init(spec, init, bias.then_some(init), vb)
+    }
+
+    /// A convolution whose weight (and bias, when given) start as the layer's paper says.
+    pub fn with_init(spec: ConvSpec, weight: Init, bias: Option<Init>, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints((spec.c_out, spec.c_in, spec.kernel, spec.kernel), "weight", weight)?;
+        let bias = bias.map(|init| vb.get_with_hints(spec.c_out, "bias", init)).transpose()?;
         let cfg = Conv2dConfig {
             padding: spec.padding,
             stride: spec.stride,
@@ -84,7 +89,17 @@ impl Conv {
 }
 
 impl Module for Conv {
+    /// Candle's conv2d backward fails for stride 2 when H and W differ in parity (the output
+    /// padding is computed from H alone). For an odd kernel with `padding = (k − 1) / 2` an
+    /// extra zero row or column at the bottom/right of an odd side changes no output value (it
+    /// lies in the padding the windows already see), so the odd side is made even first.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let s = &self.spec;
+        let (h, w) = (x.dim(2)?, x.dim(3)?);
+        if s.stride == 2 && h % 2 != w % 2 && s.kernel % 2 == 1 && 2 * s.padding + 1 == s.kernel {
+            let x = if h % 2 == 1 { x.pad_with_zeros(2, 0, 1)? } else { x.pad_with_zeros(3, 0, 1)? };
+            return self.inner.forward(&x);
+        }
         self.inner.forward(x)
     }
 }

@@ -25,3 +25,11 @@ pub fn is_buffer(key: &str) -> bool {
         .iter()
         .any(|suffix| key.rsplit('.').next() == Some(*suffix))
 }
+
+/// The trainable variables of a `VarMap`, sorted by key (buffers left out).
+pub fn trainable_vars(varmap: &candle_nn::VarMap) -> Vec<(String, candle_core::Var)> {
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut vars: Vec<_> = data.iter().filter(|(k, _)| !is_buffer(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}

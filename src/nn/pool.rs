@@ -45,11 +45,6 @@ impl MaxPool2d {
         Self { kernel, stride, padding, ceil_mode }
     }
 
-    /// The ResNet stem pool: 3x3, stride 2, padding 1, ceil mode.
-    pub fn stem() -> Self {
-        Self::new((3, 3), (2, 2), (1, 1), true)
-    }
-
     /// Output `(OH, OW)` for an `h x w` input.
     pub fn output_hw(&self, h: usize, w: usize) -> Result<(usize, usize)> {
         Ok((

@@ -162,8 +162,10 @@ pub fn step_bench(cfg: &StepBenchConfig) -> std::result::Result<StepBench, super
             pixel_wise: has("pi").then(PixelWiseConfig::default),
             pair_wise: has("pa").then(PairWiseConfig::default),
             holistic: has("ho").then(HolisticConfig::default),
+            mimic: None,
         };
-        let distiller = Distiller::new(&distill, (student_cfg.num_classes, lh, lw), &device, cfg.seed)?;
+        let channels = [(student_cfg.psp_out, teacher.config().psp_out)];
+        let distiller = Distiller::new(&distill, (student_cfg.num_classes, lh, lw), &channels, &device, cfg.seed)?;
         let optim = OptimConfig { iterations: cfg.warmup + cfg.steps + 1, batch_size: cfg.batch, ..Default::default() };
         let task = super::train::SegTask { loss: super::loss::SegLoss::default() };
         let mut trainer = Trainer::new(

@@ -269,7 +269,7 @@ impl TrainConfig {
         }
         // Candle's conv2d backward fails for stride 2 when height and width differ in parity.
         let mut inputs = vec![("the stem's stride-2 conv", (ch, cw))];
-        let pooled = crate::nn::MaxPool2d::stem().output_hw(ch.div_ceil(2), cw.div_ceil(2)).map_err(bad)?;
+        let pooled = student.backbone.stem_pool().output_hw(ch.div_ceil(2), cw.div_ceil(2)).map_err(bad)?;
         let mut hw = pooled;
         for (i, (stride, _)) in student.backbone.stage_geometry().map_err(bad)?.into_iter().enumerate() {
             if stride == 2 {

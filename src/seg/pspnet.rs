@@ -117,11 +117,11 @@ impl PspConfig {
         Ok(())
     }
 
-    /// Logit size for an `h x w` image: stride-2 stem conv, ceil-mode pool, layer2 (and deeper
+    /// Logit size for an `h x w` image: stride-2 stem conv, stem pool, layer2 (and deeper
     /// strides for output stride 16/32). 512 -> 65, 1024x2048 -> 129x257.
     pub fn output_hw(&self, h: usize, w: usize) -> Result<(usize, usize)> {
         let conv = |n: usize| n.div_ceil(2);
-        let pool = crate::nn::MaxPool2d::stem();
+        let pool = self.backbone.stem_pool();
         let (mut oh, mut ow) = pool.output_hw(conv(h), conv(w))?;
         for (stride, _) in self.backbone.stage_geometry()? {
             if stride == 2 {

@@ -195,17 +195,17 @@ pub fn run(cfg: &TrainConfig, run_dir: &Path, opts: &RunOptions) -> Result<RunSu
     if let Some(r) = report {
         say(format!("student init: {r}"));
     }
-    let distilling =
-        cfg.distill.pixel_wise.is_some() || cfg.distill.pair_wise.is_some() || cfg.distill.holistic.is_some();
-    let distiller = if distilling {
+    let distiller = if cfg.distill.is_active() {
         let [ch, cw] = cfg.data.augment.crop;
         let (oh, ow) = student_cfg.output_hw(ch, cw)?;
-        Some(Distiller::new(&cfg.distill, (student_cfg.num_classes, oh, ow), &device, cfg.seed)?)
+        let teacher_channels = teacher.as_ref().map_or(student_cfg.psp_out, |t| t.config().psp_out);
+        let channels = [(student_cfg.psp_out, teacher_channels)];
+        Some(Distiller::new(&cfg.distill, (student_cfg.num_classes, oh, ow), &channels, &device, cfg.seed)?)
     } else {
         None
     };
     let task = SegTask { loss: SegLoss { aux_weight: cfg.aux_weight, ..Default::default() } };
-    let settings = Settings { optim: cfg.optim, seed: cfg.seed, max_skips: cfg.max_skips };
+    let settings = Settings { optim: cfg.optim.clone(), seed: cfg.seed, max_skips: cfg.max_skips };
     let mut trainer = Trainer::new(task, (student, varmap), teacher, distiller, settings)?;
 
     let mut start = 0;

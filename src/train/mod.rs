@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! Trainer::step(batch, it)
-//!   lr = poly(base, it + 1)                       (both optimisers; released: it = 1, 2, ...)
+//!   lr = schedule(base, it + 1)                   (both optimisers; released: it = 1, 2, ...)
 //!   t = dense(teacher(x, train = false))          (plain tensors: no graph)
 //!   out = student(x, train = true); s = dense(out)
 //!   losses = task_loss(out, batch) + distiller.student_losses(s, t)
@@ -20,8 +20,8 @@ use candle_core::{Result, Tensor, Var};
 use candle_nn::{Optimizer, VarMap};
 
 use crate::distill::{DenseOutputs, Distiller, Losses};
-use crate::nn::{SplitMix64, is_buffer};
-pub use optim::{Sgd, SgdConfig, poly_lr};
+use crate::nn::{SplitMix64, trainable_vars};
+pub use optim::{LrSchedule, ParamGroup, Sgd, SgdConfig, poly_lr};
 
 /// A network whose outputs can be distilled.
 pub trait DenseNet {
@@ -30,6 +30,10 @@ pub trait DenseNet {
     fn dense(out: &Self::Output) -> DenseOutputs;
     /// Re-keys the random choices inside the network (dropout masks).
     fn reseed(&self, seed: u64);
+    /// Parameters (by `VarMap` key) the optimiser leaves alone.
+    fn is_frozen(&self, _key: &str) -> bool {
+        false
+    }
 }
 
 /// A task: what a batch is, where its images are, and its own loss.
@@ -41,7 +45,7 @@ pub trait Task {
 }
 
 /// The optimisation settings shared by every task (defaults as run).
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OptimConfig {
     pub iterations: usize,
@@ -49,13 +53,25 @@ pub struct OptimConfig {
     pub lr: f64,
     pub momentum: f64,
     pub weight_decay: f64,
-    /// Poly schedule power.
-    pub power: f64,
+    pub schedule: LrSchedule,
+    /// Multiplies the learning rate of every bias (FCOS: 2).
+    pub bias_lr_factor: f64,
+    /// The weight decay of every bias; `None` = `weight_decay` (FCOS: 0).
+    pub bias_weight_decay: Option<f64>,
 }
 
 impl Default for OptimConfig {
     fn default() -> Self {
-        Self { iterations: 40_000, batch_size: 8, lr: 1e-2, momentum: 0.9, weight_decay: 5e-4, power: 0.9 }
+        Self {
+            iterations: 40_000,
+            batch_size: 8,
+            lr: 1e-2,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            schedule: LrSchedule::default(),
+            bias_lr_factor: 1.0,
+            bias_weight_decay: None,
+        }
     }
 }
 
@@ -63,8 +79,14 @@ impl OptimConfig {
     pub fn validate(&self) -> Result<()> {
         let bad =
             |what: &str, v: f64| candle_core::Error::Msg(format!("optim.{what} must be finite and >= 0, got {v}"));
-        for (what, v) in
-            [("lr", self.lr), ("momentum", self.momentum), ("weight_decay", self.weight_decay), ("power", self.power)]
+        for (what, v) in [
+            ("lr", self.lr),
+            ("momentum", self.momentum),
+            ("weight_decay", self.weight_decay),
+            ("bias_lr_factor", self.bias_lr_factor),
+        ]
+        .into_iter()
+        .chain(self.bias_weight_decay.map(|w| ("bias_weight_decay", w)))
         {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(bad(what, v));
@@ -73,12 +95,12 @@ impl OptimConfig {
         if self.iterations == 0 || self.batch_size == 0 {
             candle_core::bail!("optim.iterations and optim.batch_size must be positive");
         }
-        Ok(())
+        self.schedule.validate()
     }
 }
 
 /// How the trainer runs, beside the networks.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub optim: OptimConfig,
     /// Keys dropout masks and the critic's `α` per iteration.
@@ -118,14 +140,6 @@ pub struct StepReport {
     pub skipped: Option<String>,
 }
 
-/// The trainable variables of a `VarMap`, sorted by key (buffers left out).
-pub fn trainable(varmap: &VarMap) -> Vec<(String, Var)> {
-    let data = varmap.data().lock().expect("varmap lock");
-    let mut vars: Vec<_> = data.iter().filter(|(k, _)| !is_buffer(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    vars
-}
-
 /// Every value of every tensor is finite (a sum of squares overflows or turns NaN otherwise).
 pub fn all_finite<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> Result<bool> {
     let mut total = 0f64;
@@ -139,6 +153,9 @@ pub fn all_finite<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> Result<b
 fn grads_finite(grads: &candle_core::backprop::GradStore, vars: &[(String, Var)]) -> Result<bool> {
     all_finite(vars.iter().filter_map(|(_, v)| grads.get(v)))
 }
+
+/// The prefix of the mimic adapters in the training state (they are not part of the student).
+const ADAPTER: &str = "adapter";
 
 pub struct Trainer<T: Task> {
     pub task: T,
@@ -171,8 +188,28 @@ impl<T: Task> Trainer<T> {
             candle_core::bail!("distillation needs a teacher");
         }
         let sgd = |lr| SgdConfig { lr, momentum: optim.momentum, weight_decay: optim.weight_decay };
-        let student_params = trainable(&student_vars);
-        let student_opt = Sgd::new(student_params.iter().map(|(_, v)| v.clone()).collect(), sgd(optim.lr))?;
+        // The student's own parameters, then the mimic adapters (trained with it).
+        let mut student_params = trainable_vars(&student_vars);
+        student_params.retain(|(k, _)| !student.is_frozen(k));
+        if let Some(m) = distiller.as_ref().and_then(|d| d.mimic()) {
+            student_params.extend(m.trainable_vars().into_iter().map(|(k, v)| (format!("{ADAPTER}/{k}"), v)));
+        }
+        let groups = student_params
+            .iter()
+            .map(|(k, var)| {
+                let bias = k.ends_with("bias");
+                ParamGroup {
+                    var: var.clone(),
+                    lr_factor: if bias { optim.bias_lr_factor } else { 1.0 },
+                    weight_decay: if bias {
+                        optim.bias_weight_decay.unwrap_or(optim.weight_decay)
+                    } else {
+                        optim.weight_decay
+                    },
+                }
+            })
+            .collect();
+        let student_opt = Sgd::with_groups(groups, sgd(optim.lr))?;
         let holistic = distiller.as_ref().and_then(|d| d.holistic());
         let critic_params = holistic.map(|h| h.trainable_vars()).unwrap_or_default();
         let critic_lr = holistic.map(|h| h.config().lr).unwrap_or(0.0);
@@ -200,10 +237,11 @@ impl<T: Task> Trainer<T> {
     /// One training step at 0-based `iteration`. An error means the run must stop (including
     /// `max_skips` non-finite steps in a row; the last checkpoint is untouched).
     pub fn step(&mut self, batch: &T::Batch, iteration: usize) -> Result<StepReport> {
-        let lr = poly_lr(self.optim.lr, iteration + 1, self.optim.iterations, self.optim.power);
+        let schedule = &self.optim.schedule;
+        let lr = schedule.lr(self.optim.lr, iteration + 1, self.optim.iterations);
         self.student_opt.set_learning_rate(lr);
         if let Some(opt) = &mut self.critic_opt {
-            opt.set_learning_rate(poly_lr(self.critic_lr, iteration + 1, self.optim.iterations, self.optim.power));
+            opt.set_learning_rate(schedule.lr(self.critic_lr, iteration + 1, self.optim.iterations));
         }
         let it = iteration as u64;
         self.student.reseed(SplitMix64::derive(&[self.seed, it, 1]).next_u64());
@@ -288,6 +326,9 @@ impl<T: Task> Trainer<T> {
         if let Some(h) = self.distiller.as_ref().and_then(|d| d.holistic()) {
             dump("critic", h.varmap());
         }
+        if let Some(m) = self.distiller.as_ref().and_then(|d| d.mimic()) {
+            dump(ADAPTER, m.varmap());
+        }
         for ((k, _), v) in self.student_params.iter().zip(self.student_opt.velocity()) {
             out.push((format!("student_velocity/{k}"), v.as_tensor().clone()));
         }
@@ -309,6 +350,9 @@ impl<T: Task> Trainer<T> {
         collect("student", &self.student_vars);
         if let Some(h) = self.distiller.as_ref().and_then(|d| d.holistic()) {
             collect("critic", h.varmap());
+        }
+        if let Some(m) = self.distiller.as_ref().and_then(|d| d.mimic()) {
+            collect(ADAPTER, m.varmap());
         }
         targets.extend(
             self.student_params

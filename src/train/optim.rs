@@ -1,8 +1,11 @@
 //! SGD with momentum and weight decay (PyTorch's `torch.optim.SGD`, dampening 0, no Nesterov),
-//! which Candle lacks, and the poly learning-rate schedule of the released code.
+//! which Candle lacks, and the learning-rate schedules of the reference code: poly (the released
+//! segmentation code) and warmup + steps (maskrcnn-benchmark, which FCOS runs).
 //!
 //! `d = g + λ·p;  v ← μ·v + d;  p ← p − lr·v` (a zero `v` makes the first step PyTorch's `v = d`).
 //! Parameters without a gradient in a step are left alone, as PyTorch skips `p.grad is None`.
+//! Each parameter may scale the learning rate and set its own decay (FCOS: biases get 2·lr and
+//! no weight decay).
 
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Var};
@@ -17,15 +20,37 @@ pub struct SgdConfig {
     pub weight_decay: f64,
 }
 
+/// One parameter's own optimisation settings.
+#[derive(Debug, Clone)]
+pub struct ParamGroup {
+    pub var: Var,
+    /// Multiplies the schedule's learning rate.
+    pub lr_factor: f64,
+    pub weight_decay: f64,
+}
+
 #[derive(Debug)]
 pub struct Sgd {
-    params: Vec<Var>,
+    params: Vec<ParamGroup>,
     /// One velocity per parameter, same order.
     velocity: Vec<Var>,
     cfg: SgdConfig,
 }
 
 impl Sgd {
+    /// Parameters with their own learning-rate factor and weight decay (`cfg.weight_decay` is
+    /// then unused).
+    pub fn with_groups(params: Vec<ParamGroup>, cfg: SgdConfig) -> Result<Self> {
+        if !(cfg.lr >= 0.0 && cfg.momentum >= 0.0 && params.iter().all(|p| p.lr_factor >= 0.0 && p.weight_decay >= 0.0))
+        {
+            candle_core::bail!("sgd: lr, momentum, lr factors and weight decays must be >= 0, got {cfg:?}");
+        }
+        let params: Vec<ParamGroup> = params.into_iter().filter(|p| p.var.dtype().is_float()).collect();
+        let velocity =
+            params.iter().map(|p| Var::zeros(p.var.shape(), p.var.dtype(), p.var.device())).collect::<Result<_>>()?;
+        Ok(Self { params, velocity, cfg })
+    }
+
     /// The velocities, in the order of the parameters given to `new` (for checkpoints).
     pub fn velocity(&self) -> &[Var] {
         &self.velocity
@@ -36,24 +61,19 @@ impl Optimizer for Sgd {
     type Config = SgdConfig;
 
     fn new(vars: Vec<Var>, cfg: SgdConfig) -> Result<Self> {
-        if !(cfg.lr >= 0.0 && cfg.momentum >= 0.0 && cfg.weight_decay >= 0.0) {
-            candle_core::bail!("sgd: lr, momentum and weight_decay must be >= 0, got {cfg:?}");
-        }
-        let params: Vec<Var> = vars.into_iter().filter(|v| v.dtype().is_float()).collect();
-        let velocity = params.iter().map(|p| Var::zeros(p.shape(), p.dtype(), p.device())).collect::<Result<_>>()?;
-        Ok(Self { params, velocity, cfg })
+        let groups = vars.into_iter().map(|var| ParamGroup { var, lr_factor: 1.0, weight_decay: cfg.weight_decay });
+        Self::with_groups(groups.collect(), cfg)
     }
 
     fn step(&mut self, grads: &GradStore) -> Result<()> {
-        for (p, v) in self.params.iter().zip(&self.velocity) {
+        for (ParamGroup { var: p, lr_factor, weight_decay }, v) in self.params.iter().zip(&self.velocity) {
             let Some(g) = grads.get(p) else { continue };
             // Plain values: no graph may leak into the weights (the double-backward flag keeps
             // gradients attached to their graph).
             let g = g.detach();
-            let d =
-                if self.cfg.weight_decay != 0.0 { (g + (p.as_tensor().detach() * self.cfg.weight_decay)?)? } else { g };
+            let d = if *weight_decay != 0.0 { (g + (p.as_tensor().detach() * *weight_decay)?)? } else { g };
             let vel = ((v.as_tensor() * self.cfg.momentum)? + d)?;
-            p.set(&(p.as_tensor().detach() - (&vel * self.cfg.lr)?)?)?;
+            p.set(&(p.as_tensor().detach() - (&vel * (self.cfg.lr * lr_factor))?)?)?;
             v.set(&vel)?;
         }
         Ok(())
@@ -71,6 +91,57 @@ impl Optimizer for Sgd {
 /// `base · (1 − it / max_it)^power`, evaluated before each step (`adjust_learning_rate`).
 pub fn poly_lr(base: f64, iteration: usize, max_iterations: usize, power: f64) -> f64 {
     base * (1.0 - iteration as f64 / max_iterations as f64).max(0.0).powf(power)
+}
+
+/// How the learning rate follows the iteration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LrSchedule {
+    /// [`poly_lr`] (the released segmentation code).
+    Poly { power: f64 },
+    /// maskrcnn-benchmark's `WarmupMultiStepLR` with the constant warmup FCOS uses: the factor
+    /// `warmup_factor` while `it < warmup_iterations`, then `gamma^(#milestones ≤ it)`.
+    WarmupMultiStep { warmup_iterations: usize, warmup_factor: f64, milestones: Vec<usize>, gamma: f64 },
+}
+
+impl Default for LrSchedule {
+    fn default() -> Self {
+        LrSchedule::Poly { power: 0.9 }
+    }
+}
+
+impl LrSchedule {
+    /// The learning rate at 1-based iteration `it` (both references count from 1 when they set
+    /// the rate of a step).
+    pub fn lr(&self, base: f64, it: usize, max_iterations: usize) -> f64 {
+        match self {
+            LrSchedule::Poly { power } => poly_lr(base, it, max_iterations, *power),
+            LrSchedule::WarmupMultiStep { warmup_iterations, warmup_factor, milestones, gamma } => {
+                let warmup = if it < *warmup_iterations { *warmup_factor } else { 1.0 };
+                let decays = milestones.iter().filter(|&&m| m <= it).count();
+                base * warmup * gamma.powi(decays as i32)
+            }
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let ok = match self {
+            LrSchedule::Poly { power } => power.is_finite() && *power >= 0.0,
+            LrSchedule::WarmupMultiStep { warmup_factor, milestones, gamma, .. } => {
+                warmup_factor.is_finite()
+                    && *warmup_factor > 0.0
+                    && gamma.is_finite()
+                    && *gamma > 0.0
+                    && milestones.windows(2).all(|w| w[0] < w[1])
+            }
+        };
+        if !ok {
+            candle_core::bail!(
+                "optim.schedule {self:?}: power, warmup_factor and gamma must be finite and positive, milestones increasing"
+            );
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -92,6 +163,40 @@ mod tests {
         // step 2: d = 2.5p = [1.875, -3.75]; v = 0.9v + d = [4.125, -8.25] -> p = [0.3375, -0.675]
         let want = [0.3375f32, -0.675];
         assert!(got.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6), "{got:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn warmup_multistep_is_maskrcnn_benchmarks() {
+        let s = LrSchedule::WarmupMultiStep {
+            warmup_iterations: 500,
+            warmup_factor: 1.0 / 3.0,
+            milestones: vec![60_000, 80_000],
+            gamma: 0.1,
+        };
+        // The FCOS KD log shows lr 0.003333 at iteration 20.
+        assert!((s.lr(0.01, 20, 90_000) - 0.01 / 3.0).abs() < 1e-12);
+        assert_eq!(s.lr(0.01, 500, 90_000), 0.01);
+        assert!((s.lr(0.01, 60_000, 90_000) - 0.001).abs() < 1e-12);
+        assert!((s.lr(0.01, 80_000, 90_000) - 0.0001).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_parameter_group_scales_the_rate_and_sets_its_decay() -> Result<()> {
+        let w = Var::new(&[1f32], &Device::Cpu)?;
+        let b = Var::new(&[1f32], &Device::Cpu)?;
+        let cfg = SgdConfig { lr: 0.1, momentum: 0.0, weight_decay: 0.0 };
+        let mut opt = Sgd::with_groups(
+            vec![
+                ParamGroup { var: w.clone(), lr_factor: 1.0, weight_decay: 0.5 },
+                ParamGroup { var: b.clone(), lr_factor: 2.0, weight_decay: 0.0 },
+            ],
+            cfg,
+        )?;
+        opt.backward_step(&(w.as_tensor() + b.as_tensor())?.sum_all()?)?;
+        // w: 1 − 0.1·(1 + 0.5) = 0.85; b: 1 − 0.2·1 = 0.8
+        assert!((w.as_tensor().to_vec1::<f32>()?[0] - 0.85).abs() < 1e-6);
+        assert!((b.as_tensor().to_vec1::<f32>()?[0] - 0.8).abs() < 1e-6);
         Ok(())
     }
 
