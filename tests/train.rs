@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use serde_json::{Value, json};
 use skd::seg::config::TrainConfig;
-use skd::seg::train::{LOG_FILE, RunOptions, run};
+use skd::seg::train::{RunOptions, run};
+use skd::train::run::LOG_FILE;
 
 fn configs_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("configs")

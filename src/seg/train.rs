@@ -14,7 +14,6 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use candle_nn::VarMap;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use super::cityscapes::{DataError, Split};
@@ -26,8 +25,8 @@ use super::metrics::Scores;
 use super::pspnet::{PspNet, PspOutput};
 use super::weights::{load_frozen, load_trainable, save};
 use crate::distill::{Distiller, Losses};
-use crate::train::log::{JsonlLog, rss_mb};
-use crate::train::state::{checkpoint_due, load_state, save_state};
+use crate::train::run::{LoopSettings, RunIoError, Validation, run_loop};
+use crate::train::state::load_state;
 use crate::train::{DenseNet, Settings, Task, Trainer};
 use crate::weights::{LoadMode, WeightsError};
 
@@ -84,6 +83,8 @@ pub enum TrainError {
     Candle(#[from] candle_core::Error),
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
+    #[error(transparent)]
+    RunIo(#[from] RunIoError),
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
@@ -111,7 +112,6 @@ pub struct RunSummary {
 }
 
 pub const CONFIG_FILE: &str = "config.json";
-pub const LOG_FILE: &str = "train.jsonl";
 pub const STUDENT_FILE: &str = "student.safetensors";
 
 /// The val split, limited to the first `limit` images; `None` when the dataset has none.
@@ -126,20 +126,6 @@ fn val_split(cfg: &TrainConfig, limit: Option<usize>) -> Result<Option<Split>, T
         Err(DataError::EmptySplit { .. }) => Ok(None),
         Err(e) => Err(e.into()),
     }
-}
-
-fn bar(len: u64, start: u64, verbose: bool) -> ProgressBar {
-    if !verbose {
-        return ProgressBar::hidden();
-    }
-    let b = ProgressBar::new(len);
-    b.set_style(
-        ProgressStyle::with_template("train [{bar:25}] {pos}/{len} {per_sec} ETA {eta} {msg}")
-            .expect("template")
-            .progress_chars("=> "),
-    );
-    b.set_position(start);
-    b
 }
 
 /// Trains as `cfg` says, in `run_dir` (created; with `opts.resume`, continued).
@@ -216,81 +202,38 @@ pub fn run(cfg: &TrainConfig, run_dir: &Path, opts: &RunOptions) -> Result<RunSu
         say(format!("resumed {} at iteration {done}", run_dir.display()));
     }
     let total = cfg.optim.iterations;
-    let log_path = run_dir.join(LOG_FILE);
-    let mut log = JsonlLog::append(&log_path).map_err(io(&log_path))?;
     let batch = cfg.optim.batch_size;
     let [ch, cw] = cfg.data.augment.crop;
     let loader = Loader::new(train_split, cfg.data.augment.clone(), cfg.seed, batch, start..total, cfg.data.prefetch);
-    let progress = bar(total as u64, start as u64, opts.verbose);
-    let mut skipped = 0;
-    let mut last_val = None;
-    for (it, b) in (start..total).zip(loader) {
+    let batches = loader.map(|b| -> Result<SegBatch, TrainError> {
         let b = b?;
-        let step_start = Instant::now();
         let images = Tensor::from_vec(b.images, (batch, 3, ch, cw), &device)?;
         let labels = Tensor::from_vec(b.labels, (batch, ch, cw), &device)?;
-        let report = trainer.step(&SegBatch { images, labels }, it)?;
-        let done = it + 1;
-        if report.skipped.is_some() {
-            skipped += 1;
-        }
-        if report.skipped.is_some() || done % cfg.log_every.max(1) == 0 || done == total {
-            let mut line = json!({
-                "iteration": done,
-                "lr": report.lr,
-                "total": report.total,
-                "critic_loss": report.critic_loss,
-                "skipped": report.skipped,
-                "step_s": step_start.elapsed().as_secs_f64(),
-                "elapsed_s": started.elapsed().as_secs_f64(),
-                "rss_mb": rss_mb(),
-            });
-            for (name, v) in &report.losses {
-                line[*name] = json!(v);
-            }
-            log.write(&line).map_err(io(&log_path))?;
-            let terms: Vec<String> = report.losses.iter().map(|(n, v)| format!("{n} {v:.3}")).collect();
-            progress.set_message(terms.join(" "));
-            if opts.verbose && progress.is_hidden() {
-                // No terminal to draw the bar on (a log file, CI): one line per logged step.
-                eprintln!(
-                    "iteration {done}/{total}: {} lr {:.2e} ({:.2}s/it)",
-                    terms.join(" "),
-                    report.lr,
-                    step_start.elapsed().as_secs_f64()
-                );
-            }
-            if let Some(why) = &report.skipped {
-                progress.suspend(|| eprintln!("warning: iteration {done}: skipped the update ({why})"));
-            }
-        }
-        progress.inc(1);
-        if checkpoint_due(done, cfg.checkpoint_every, total) {
-            let state = trainer.state_tensors();
-            if crate::train::all_finite(state.iter().map(|(_, t)| t))? {
-                save_state(run_dir, state, done, &resolved)?;
-                save(&run_dir.join(STUDENT_FILE), &trainer.student_vars, &student_cfg, cfg.student.model.preset())?;
-            } else {
-                // Keep the last good checkpoint: an update can overflow without a non-finite loss.
-                progress.suspend(|| eprintln!("warning: iteration {done}: non-finite weights, checkpoint not written"));
-                log.write(&json!({ "iteration": done, "checkpoint_skipped": "non-finite weights" }))
-                    .map_err(io(&log_path))?;
-            }
-        }
-        let val_due = done == total || (cfg.val_every > 0 && done % cfg.val_every == 0);
-        if let (true, Some(v)) = (val_due, &val) {
-            let scores =
-                progress.suspend(|| evaluate(&trainer.student, v, &InferConfig::default(), &device, None, false))?;
-            let mut line = json!({ "iteration": done, "val_miou": scores.miou, "val_pixel_acc": scores.pixel_acc });
-            line["val_class_iou"] = json!(scores.class_iou);
-            log.write(&line).map_err(io(&log_path))?;
-            if opts.verbose {
-                progress.suspend(|| eprintln!("val at iteration {done}: mIoU {:.2}\n{scores}", scores.miou * 100.0));
-            }
-            last_val = Some(scores);
-        }
-    }
-    progress.finish_and_clear();
+        Ok(SegBatch { images, labels })
+    });
+    let settings = LoopSettings {
+        start,
+        total,
+        log_every: cfg.log_every,
+        checkpoint_every: cfg.checkpoint_every,
+        val_every: cfg.val_every,
+        config: resolved,
+        verbose: opts.verbose,
+    };
+    let save_student = |t: &Trainer<SegTask>| -> Result<(), TrainError> {
+        Ok(save(&run_dir.join(STUDENT_FILE), &t.student_vars, &student_cfg, cfg.student.model.preset())?)
+    };
+    let mut last_val = None;
+    let validate = |t: &Trainer<SegTask>| -> Result<Option<Validation>, TrainError> {
+        let Some(v) = &val else { return Ok(None) };
+        let scores = evaluate(&t.student, v, &InferConfig::default(), &device, None, false)?;
+        let mut fields = json!({ "val_miou": scores.miou, "val_pixel_acc": scores.pixel_acc });
+        fields["val_class_iou"] = json!(scores.class_iou);
+        let text = format!("mIoU {:.2}\n{scores}", scores.miou * 100.0);
+        last_val = Some(scores);
+        Ok(Some(Validation { fields, text }))
+    };
+    let skipped = run_loop(&mut trainer, batches, run_dir, &settings, save_student, validate)?;
     Ok(RunSummary {
         run_dir: run_dir.to_path_buf(),
         iterations_done: total,

@@ -14,6 +14,7 @@
 
 pub mod log;
 pub mod optim;
+pub mod run;
 pub mod state;
 
 use candle_core::{Result, Tensor, Var};
