@@ -1,3 +1,5 @@
 //! The detection task plugin (FCOS on COCO-format data).
 
 pub mod coco;
+pub mod data;
+pub mod synth;
