@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::cityscapes::{BGR_MEAN, LabelMap, Result, RgbImage, Split, read_sample};
 use super::loss::IGNORE_LABEL;
 use crate::nn::SplitMix64;
+use crate::train::sample_index;
 
 /// The augmentation settings (defaults as run).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -143,18 +144,6 @@ pub struct Batch {
     /// `[B, H, W]` train ids.
     pub labels: Vec<u8>,
     pub shape: [usize; 4],
-}
-
-/// Which sample fills slot `slot` of iteration `iteration`: a fresh shuffle every epoch.
-pub fn sample_index(n: usize, seed: u64, batch: usize, iteration: usize, slot: usize) -> usize {
-    let k = iteration * batch + slot;
-    let (epoch, pos) = (k / n, k % n);
-    let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = SplitMix64::derive(&[seed, epoch as u64, 0x5eed]);
-    for i in (1..n).rev() {
-        order.swap(i, rng.below(i as u64 + 1) as usize);
-    }
-    order[pos]
 }
 
 /// Makes the batch of one iteration (decoding and augmenting its samples in parallel).

@@ -118,6 +118,18 @@ pub enum Guard {
     Stop,
 }
 
+/// Which sample fills slot `slot` of iteration `iteration`: a fresh shuffle every epoch.
+pub fn sample_index(n: usize, seed: u64, batch: usize, iteration: usize, slot: usize) -> usize {
+    let k = iteration * batch + slot;
+    let (epoch, pos) = (k / n, k % n);
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = SplitMix64::derive(&[seed, epoch as u64, 0x5eed]);
+    for i in (1..n).rev() {
+        order.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    order[pos]
+}
+
 /// The NaN guard: a step with a non-finite loss or gradient is skipped; `max_skips` in a row stop.
 pub fn guard(finite: bool, consecutive_skips: usize, max_skips: usize) -> Guard {
     match (finite, consecutive_skips + 1 >= max_skips) {
