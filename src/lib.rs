@@ -10,6 +10,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod backbone;
+pub mod config;
 pub mod det;
 pub mod distill;
 pub mod nn;

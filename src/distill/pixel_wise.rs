@@ -17,6 +17,9 @@ pub enum PixelWiseLoss {
     CrossEntropy,
     /// `T² · Σ KL(p_T‖p_S) / (B·H'·W')` with `p = softmax(z / T)` (Hinton et al.).
     Kl { temperature: f64 },
+    /// The same divided by K as well: PyTorch's `KLDivLoss` with its default `mean`
+    /// reduction, as the authors' FCOS code (`CriterionKD`) runs it.
+    KlMean { temperature: f64 },
     /// `mean((z_S − z_T)²)` over all `B·K·H'·W'` entries: for single-class logits, where a
     /// softmax over one class is constant and carries no signal.
     Mse,
@@ -34,13 +37,18 @@ pub fn pixel_wise_loss(z_s: &Tensor, z_t: &Tensor, loss: PixelWiseLoss) -> Resul
     let (b, k, h, w) = check_shapes(z_s, z_t)?;
     let z_t = z_t.detach();
     match loss {
-        PixelWiseLoss::CrossEntropy | PixelWiseLoss::Kl { .. } if k == 1 => candle_core::bail!(
-            "pixel-wise: a softmax over one class is constant; use {{\"kind\": \"mse\"}} for single-class logits"
-        ),
+        PixelWiseLoss::CrossEntropy | PixelWiseLoss::Kl { .. } | PixelWiseLoss::KlMean { .. } if k == 1 => {
+            candle_core::bail!(
+                "pixel-wise: a softmax over one class is constant; use {{\"kind\": \"mse\"}} for single-class logits"
+            )
+        }
         PixelWiseLoss::CrossEntropy => {
             let p_t = candle_nn::ops::softmax(&z_t, 1)?;
             let ce = (p_t * log_softmax(z_s, 1)?)?.sum_all()?.neg()?;
             ce / (h * w) as f64
+        }
+        PixelWiseLoss::KlMean { temperature } => {
+            pixel_wise_loss(z_s, &z_t, PixelWiseLoss::Kl { temperature })? / k as f64
         }
         PixelWiseLoss::Kl { temperature } => {
             if temperature <= 0.0 || !temperature.is_finite() {

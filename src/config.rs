@@ -1,0 +1,75 @@
+//! Training configurations: JSON files in `configs/`, every field typed, unknown keys rejected,
+//! `Default` = the reference protocol; `--set a.b=value` overrides (shared by every task).
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {detail}")]
+    File { path: String, detail: String },
+    #[error("--set {arg:?}: {detail}")]
+    Override { arg: String, detail: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+/// Keys of a JSON object, for suggestions.
+fn keys(v: &Value) -> Vec<String> {
+    v.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default()
+}
+
+/// Applies `a.b.c=value` to `root`; the value is JSON when it parses, else a string. A key that
+/// does not exist where the object has keys is refused with the nearest one.
+pub fn apply_override(root: &mut Value, arg: &str) -> Result<(), ConfigError> {
+    let err = |detail: String| ConfigError::Override { arg: arg.to_string(), detail };
+    let (path, raw) = arg.split_once('=').ok_or_else(|| err("expected key.path=value".into()))?;
+    let value: Value = serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()));
+    let parts: Vec<&str> = path.split('.').collect();
+    let mut node = root;
+    for (i, part) in parts.iter().enumerate() {
+        if node.is_null() {
+            // An optional section that is off: switching it on starts from its defaults.
+            *node = Value::Object(Default::default());
+        }
+        let obj = node.as_object_mut().ok_or_else(|| err(format!("{} is not an object", parts[..i].join("."))))?;
+        if !obj.contains_key(*part) && !obj.is_empty() {
+            let known: Vec<String> = obj.keys().cloned().collect();
+            let hint = crate::suggest::did_you_mean(part, known.iter().map(String::as_str));
+            let prefix = if i == 0 { String::new() } else { format!("{}.", parts[..i].join(".")) };
+            return Err(err(format!("unknown key {prefix}{part}{hint}; known: {}", known.join(", "))));
+        }
+        if i + 1 == parts.len() {
+            obj.insert(part.to_string(), value);
+            return Ok(());
+        }
+        node = obj.entry(part.to_string()).or_insert(Value::Null);
+    }
+    unreachable!("split yields at least one part")
+}
+
+/// The config from a JSON file (or `T::default()`) with `overrides` applied. The file is parsed
+/// alone first, so that unknown keys are reported against it.
+pub fn load<T: Serialize + DeserializeOwned + Default>(
+    file: Option<&std::path::Path>,
+    overrides: &[String],
+) -> Result<T, ConfigError> {
+    let mut value = serde_json::to_value(T::default()).expect("the default config serialises");
+    if let Some(path) = file {
+        let file_err = |detail: String| ConfigError::File { path: path.display().to_string(), detail };
+        let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
+        let file_value: Value = serde_json::from_str(&text).map_err(|e| file_err(e.to_string()))?;
+        serde_json::from_value::<T>(file_value.clone()).map_err(|e| file_err(e.to_string()))?;
+        value = file_value;
+    }
+    for o in overrides {
+        apply_override(&mut value, o)?;
+    }
+    serde_json::from_value(value).map_err(|e| {
+        ConfigError::Invalid(format!(
+            "{e} (keys at the top: {})",
+            keys(&serde_json::to_value(T::default()).expect("serialises")).join(", ")
+        ))
+    })
+}
