@@ -100,7 +100,7 @@ impl FcosConfig {
         if self.num_classes == 0 || self.channels == 0 || self.num_convs == 0 {
             candle_core::bail!("fcos: num_classes, channels and num_convs must be positive");
         }
-        if self.gn_groups == 0 || self.channels % self.gn_groups != 0 {
+        if self.gn_groups == 0 || !self.channels.is_multiple_of(self.gn_groups) {
             candle_core::bail!(
                 "fcos: channels ({}) must be a multiple of gn_groups ({})",
                 self.channels,

@@ -139,14 +139,13 @@ where
                     .map_err(io(&log_path))?;
             }
         }
-        if done == total || (settings.val_every > 0 && done % settings.val_every == 0) {
-            if let Some(v) = progress.suspend(|| validate(trainer))? {
-                let mut line = v.fields;
-                line["iteration"] = json!(done);
-                log.write(&line).map_err(io(&log_path))?;
-                if settings.verbose {
-                    progress.suspend(|| eprintln!("val at iteration {done}: {}", v.text));
-                }
+        let val_due = done == total || (settings.val_every > 0 && done.is_multiple_of(settings.val_every));
+        if val_due && let Some(v) = progress.suspend(|| validate(trainer))? {
+            let mut line = v.fields;
+            line["iteration"] = json!(done);
+            log.write(&line).map_err(io(&log_path))?;
+            if settings.verbose {
+                progress.suspend(|| eprintln!("val at iteration {done}: {}", v.text));
             }
         }
     }
