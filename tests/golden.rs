@@ -1,12 +1,12 @@
 //! Golden parity with the PyTorch twin of the released code (`shared/reference/skd_ref.py`).
 //!
 //! Data-driven: every `*.safetensors` in `SKD_GOLDEN_DIR` (default `tests/golden`) is checked
-//! according to its `__metadata__.kind`. Kinds owned by work still to land are reported as
-//! pending by name; a kind nobody knows fails. Tolerances are those of the reference README §5:
-//! per tensor `max|got − ref| ≤ rtol · max|ref|`, or `max|got| ≤ 1e-6` where the reference is
-//! structurally zero (`max|ref| < 1e-7`).
+//! according to its `__metadata__.kind`; a kind nobody knows fails. Tolerances are those of the
+//! reference READMEs (§5 of `README.md`, §2 of `README_detection_eval.md`): per tensor
+//! `max|got − ref| ≤ rtol · max|ref|`, or `max|got| ≤ 1e-6` where the reference is structurally
+//! zero (`max|ref| < 1e-7`); labels, matches, counts and kept indices exactly.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
@@ -31,9 +31,6 @@ const PRIM: f64 = 1e-5;
 const NET: f64 = 1e-4;
 /// Network parameter gradients.
 const NET_GRAD: f64 = 1e-3;
-
-/// Kinds whose checks land with later issues: kind -> issue.
-const PENDING: &[(&str, &str)] = &[];
 
 struct Golden {
     dir: PathBuf,
@@ -634,7 +631,6 @@ fn golden() {
     assert!(!files.is_empty(), "no *.safetensors in {}", dir.display());
 
     let (mut checked, mut failed) = (0usize, Vec::new());
-    let mut pending: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for path in &files {
         let name = path.file_name().expect("file name").to_string_lossy().to_string();
         let g = match Golden::load(path) {
@@ -644,10 +640,6 @@ fn golden() {
                 continue;
             }
         };
-        if PENDING.iter().any(|(k, _)| *k == g.kind) {
-            pending.entry(g.kind.clone()).or_default().push(name);
-            continue;
-        }
         let mut c = Checker::default();
         match check(&g, &mut c) {
             Err(e) => failed.push(format!("{name} ({}): {e}", g.kind)),
@@ -660,14 +652,9 @@ fn golden() {
             }
         }
     }
-    for (kind, names) in &pending {
-        let owner = PENDING.iter().find(|(k, _)| k == kind).map(|(_, o)| *o).unwrap_or("?");
-        println!("pending {kind}: {} files (lands with {owner}): {}", names.len(), names.join(", "));
-    }
     for f in &failed {
         println!("FAILED  {f}");
     }
-    let n_pending: usize = pending.values().map(Vec::len).sum();
-    println!("golden: {checked} checked, {} failed, {n_pending} pending", failed.len());
+    println!("golden: {checked} checked, {} failed", failed.len());
     assert!(failed.is_empty(), "{} golden files failed", failed.len());
 }

@@ -110,3 +110,38 @@ pub fn batch_norm(channels: usize, vb: VarBuilder) -> Result<BatchNorm> {
     let cfg = BatchNormConfig { eps: 1e-5, remove_mean: true, affine: true, momentum: 0.1 };
     candle_nn::batch_norm(channels, cfg, vb)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    /// A stride-2 conv on a map whose sides differ in parity: the forward equals Candle's own,
+    /// and the input gradient (which Candle alone cannot compute) matches finite differences of
+    /// the linear map exactly.
+    #[test]
+    fn stride_two_on_mixed_parity_has_a_correct_input_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let vm = candle_nn::VarMap::new();
+        let vb = super::super::init::seeded_var_builder(&vm, 1, DType::F32, &dev);
+        let conv = Conv::new(ConvSpec::new(2, 3, 3).stride(2).padding(1), false, vb)?;
+        let values: Vec<f32> = (0..2 * 8 * 9).map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0).collect();
+        let x = Var::from_tensor(&Tensor::from_vec(values.clone(), (1, 2, 8, 9), &dev)?)?;
+        let y = conv.forward(&x)?;
+        assert_eq!(y.dims(), [1, 3, 4, 5]);
+        let plain = conv.inner.forward(x.as_tensor())?;
+        assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, plain.flatten_all()?.to_vec1::<f32>()?);
+        let r = Tensor::arange(0f32, 60.0, &dev)?.reshape((1, 3, 4, 5))?.affine(0.1, -3.0)?;
+        let loss = |x: &Tensor| -> Result<f32> { (conv.forward(x)? * &r)?.sum_all()?.to_scalar::<f32>() };
+        let grad = (y * &r)?.sum_all()?.backward()?.get(&x).expect("input gradient").flatten_all()?.to_vec1::<f32>()?;
+        let base = loss(x.as_tensor())?;
+        // The last column and row (the odd side's border) and an interior entry.
+        for i in [8, 17, 2 * 72 - 1, 40] {
+            let mut bumped = values.clone();
+            bumped[i] += 1.0;
+            let fd = loss(&Tensor::from_vec(bumped, (1, 2, 8, 9), &dev)?)? - base;
+            assert!((fd - grad[i]).abs() < 1e-3, "entry {i}: finite difference {fd} vs gradient {}", grad[i]);
+        }
+        Ok(())
+    }
+}

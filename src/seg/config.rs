@@ -204,22 +204,6 @@ impl TrainConfig {
         if ch < 32 || cw < 32 {
             return Err(ConfigError::Invalid(format!("data.augment.crop {ch}x{cw}: both sides must be at least 32")));
         }
-        // Candle's conv2d backward fails for stride 2 when height and width differ in parity.
-        let mut inputs = vec![("the stem's stride-2 conv", (ch, cw))];
-        let pooled = student.backbone.stem_pool().output_hw(ch.div_ceil(2), cw.div_ceil(2)).map_err(bad)?;
-        let mut hw = pooled;
-        for (i, (stride, _)) in student.backbone.stage_geometry().map_err(bad)?.into_iter().enumerate() {
-            if stride == 2 {
-                inputs.push((["layer1", "layer2", "layer3", "layer4"][i], hw));
-                hw = (hw.0.div_ceil(2), hw.1.div_ceil(2));
-            }
-        }
-        if let Some((layer, (h, w))) = inputs.into_iter().find(|(_, (h, w))| h % 2 != w % 2) {
-            return Err(ConfigError::Invalid(format!(
-                "data.augment.crop {ch}x{cw}: the input of {layer} is {h}x{w}, whose sides differ in parity, which Candle's \
-                 stride-2 backward cannot handle; choose a crop whose sides keep equal parity (e.g. both multiples of 16)"
-            )));
-        }
         if self.distill.holistic.is_some() {
             let (oh, ow) = student.output_hw(ch, cw).map_err(bad)?;
             crate::distill::holistic::critic_depth(oh, ow).map_err(|e| {
