@@ -73,3 +73,39 @@ pub fn load<T: Serialize + DeserializeOwned + Default>(
         ))
     })
 }
+
+/// The resolved config a run writes into its directory (and `--resume` reads back).
+pub const CONFIG_FILE: &str = "config.json";
+
+/// What a `train` command was asked for: a new run from a config file and overrides, or
+/// `--resume DIR`, which continues that run with the config it wrote.
+pub struct TrainRequest<'a> {
+    pub resume: Option<&'a std::path::Path>,
+    pub config: Option<&'a std::path::Path>,
+    /// `--set` values, and the shortcuts (`--data`, `--teacher`) already turned into overrides.
+    pub overrides: Vec<String>,
+    pub run_dir: Option<&'a std::path::Path>,
+    /// A new run without `run_dir` goes to `runs/<prefix>-<unix time>`.
+    pub prefix: &'a str,
+}
+
+impl TrainRequest<'_> {
+    /// The config (through `load`), the run directory and whether the run resumes.
+    pub fn resolve<T>(
+        self,
+        load: impl Fn(Option<&std::path::Path>, &[String]) -> Result<T, ConfigError>,
+    ) -> Result<(T, std::path::PathBuf, bool), ConfigError> {
+        if let Some(dir) = self.resume {
+            if self.config.is_some() || !self.overrides.is_empty() {
+                return Err(ConfigError::Invalid(
+                    "--resume takes the run's own config; drop --config/--set/--data/--teacher".into(),
+                ));
+            }
+            return Ok((load(Some(&dir.join(CONFIG_FILE)), &[])?, dir.to_path_buf(), true));
+        }
+        let cfg = load(self.config, &self.overrides)?;
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let dir = self.run_dir.map_or_else(|| format!("runs/{}-{secs}", self.prefix).into(), |d| d.to_path_buf());
+        Ok((cfg, dir, false))
+    }
+}

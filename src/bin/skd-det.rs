@@ -63,29 +63,22 @@ struct TrainArgs {
 
 fn train(a: TrainArgs) -> anyhow::Result<()> {
     use skd::det::config::TrainConfig;
-    use skd::det::train::{CONFIG_FILE, RunOptions, run};
-    let (cfg, run_dir, resume) = match &a.resume {
-        Some(dir) => {
-            anyhow::ensure!(
-                a.config.is_none() && a.set.is_empty() && a.data.is_none() && a.teacher.is_none(),
-                "--resume takes the run's own config; drop --config/--set/--data/--teacher"
-            );
-            (TrainConfig::load(Some(&dir.join(CONFIG_FILE)), &[])?, dir.clone(), true)
-        }
-        None => {
-            let mut set = a.set.clone();
-            if let Some(d) = &a.data {
-                set.push(format!("data.root={}", serde_json::to_string(d)?));
-            }
-            if let Some(t) = &a.teacher {
-                set.push(format!("teacher.weights={}", serde_json::to_string(t)?));
-            }
-            let cfg = TrainConfig::load(a.config.as_deref(), &set)?;
-            let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
-            let dir = a.run_dir.clone().unwrap_or_else(|| format!("runs/fcos-{secs}").into());
-            (cfg, dir, false)
-        }
+    use skd::det::train::{RunOptions, run};
+    let mut overrides = a.set.clone();
+    if let Some(d) = &a.data {
+        overrides.push(format!("data.root={}", serde_json::to_string(d)?));
+    }
+    if let Some(t) = &a.teacher {
+        overrides.push(format!("teacher.weights={}", serde_json::to_string(t)?));
+    }
+    let request = skd::config::TrainRequest {
+        resume: a.resume.as_deref(),
+        config: a.config.as_deref(),
+        overrides,
+        run_dir: a.run_dir.as_deref(),
+        prefix: "fcos",
     };
+    let (cfg, run_dir, resume) = request.resolve(TrainConfig::load)?;
     if a.print_config {
         println!("{}", serde_json::to_string_pretty(&cfg)?);
         return Ok(());

@@ -107,7 +107,6 @@ pub struct RunSummary {
     pub seconds: f64,
 }
 
-pub const CONFIG_FILE: &str = "config.json";
 pub const STUDENT_FILE: &str = "student.safetensors";
 
 /// Trains as `cfg` says, in `run_dir` (created; with `opts.resume`, continued).
@@ -119,7 +118,7 @@ pub fn run(cfg: &TrainConfig, run_dir: &Path, opts: &RunOptions) -> Result<RunSu
         move |source| RunIoError { path: path.clone(), source }
     };
     std::fs::create_dir_all(run_dir).map_err(io(run_dir))?;
-    let config_path = run_dir.join(CONFIG_FILE);
+    let config_path = run_dir.join(crate::config::CONFIG_FILE);
     let resolved = serde_json::to_string_pretty(cfg).expect("config serialises");
     if !opts.resume {
         std::fs::write(&config_path, &resolved).map_err(io(&config_path))?;

@@ -111,7 +111,6 @@ pub struct RunSummary {
     pub seconds: f64,
 }
 
-pub const CONFIG_FILE: &str = "config.json";
 pub const STUDENT_FILE: &str = "student.safetensors";
 
 /// The val split, limited to the first `limit` images; `None` when the dataset has none.
@@ -133,7 +132,7 @@ pub fn run(cfg: &TrainConfig, run_dir: &Path, opts: &RunOptions) -> Result<RunSu
     let started = Instant::now();
     cfg.validate()?;
     std::fs::create_dir_all(run_dir).map_err(io(run_dir))?;
-    let config_path = run_dir.join(CONFIG_FILE);
+    let config_path = run_dir.join(crate::config::CONFIG_FILE);
     let resolved = serde_json::to_string_pretty(cfg).expect("config serialises");
     if !opts.resume {
         std::fs::write(&config_path, &resolved).map_err(io(&config_path))?;
