@@ -89,11 +89,28 @@ impl Conv {
 }
 
 impl Module for Conv {
-    /// Candle's conv2d backward fails for stride 2 when H and W differ in parity (the output
-    /// padding is computed from H alone). For an odd kernel with `padding = (k − 1) / 2` an
-    /// extra zero row or column at the bottom/right of an odd side changes no output value (it
-    /// lies in the padding the windows already see), so the odd side is made even first.
+    /// On the CPU (f32) through [`super::im2col::conv2d`]: one GEMM per pass instead of Candle's
+    /// tiled forward and naive transposed-convolution input gradient. Elsewhere Candle's own
+    /// (cuDNN on CUDA), whose backward fails for stride 2 when H and W differ in parity (the
+    /// output padding is computed from H alone); for an odd kernel with `padding = (k − 1) / 2`
+    /// an extra zero row or column at the bottom/right of an odd side changes no output value
+    /// (it lies in the padding the windows already see), so the odd side is made even first.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let s = &self.spec;
+        if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+            let y = super::im2col::conv2d(x, self.inner.weight(), s.stride, s.padding, s.dilation)?;
+            return match self.inner.bias() {
+                Some(b) => y.broadcast_add(&b.reshape((1, s.c_out, 1, 1))?),
+                None => Ok(y),
+            };
+        }
+        self.forward_candle(x)
+    }
+}
+
+impl Conv {
+    /// Candle's convolution, with odd sides made even for stride 2 (see `forward`).
+    fn forward_candle(&self, x: &Tensor) -> Result<Tensor> {
         let s = &self.spec;
         let (h, w) = (x.dim(2)?, x.dim(3)?);
         if s.stride == 2 && h % 2 != w % 2 && s.kernel % 2 == 1 && 2 * s.padding + 1 == s.kernel {
@@ -116,9 +133,9 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
 
-    /// A stride-2 conv on a map whose sides differ in parity: the forward equals Candle's own,
-    /// and the input gradient (which Candle alone cannot compute) matches finite differences of
-    /// the linear map exactly.
+    /// Candle's path (CUDA) for a stride-2 conv on a map whose sides differ in parity: the
+    /// forward equals Candle's own, and the input gradient (which Candle alone cannot compute)
+    /// matches finite differences of the linear map; the CPU path agrees.
     #[test]
     fn stride_two_on_mixed_parity_has_a_correct_input_gradient() -> Result<()> {
         let dev = Device::Cpu;
@@ -127,12 +144,14 @@ mod tests {
         let conv = Conv::new(ConvSpec::new(2, 3, 3).stride(2).padding(1), false, vb)?;
         let values: Vec<f32> = (0..2 * 8 * 9).map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0).collect();
         let x = Var::from_tensor(&Tensor::from_vec(values.clone(), (1, 2, 8, 9), &dev)?)?;
-        let y = conv.forward(&x)?;
+        let y = conv.forward_candle(&x)?;
         assert_eq!(y.dims(), [1, 3, 4, 5]);
         let plain = conv.inner.forward(x.as_tensor())?;
         assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, plain.flatten_all()?.to_vec1::<f32>()?);
+        let cpu_path = conv.forward(&x)?;
+        assert!((&cpu_path - &y)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? < 1e-5);
         let r = Tensor::arange(0f32, 60.0, &dev)?.reshape((1, 3, 4, 5))?.affine(0.1, -3.0)?;
-        let loss = |x: &Tensor| -> Result<f32> { (conv.forward(x)? * &r)?.sum_all()?.to_scalar::<f32>() };
+        let loss = |x: &Tensor| -> Result<f32> { (conv.forward_candle(x)? * &r)?.sum_all()?.to_scalar::<f32>() };
         let grad = (y * &r)?.sum_all()?.backward()?.get(&x).expect("input gradient").flatten_all()?.to_vec1::<f32>()?;
         let base = loss(x.as_tensor())?;
         // The last column and row (the odd side's border) and an interior entry.

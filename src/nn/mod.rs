@@ -5,6 +5,7 @@ pub mod attention;
 pub mod conv;
 pub mod double_backward;
 pub mod dropout;
+pub mod im2col;
 pub mod init;
 pub mod pool;
 pub mod resize;
