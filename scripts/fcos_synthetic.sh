@@ -7,7 +7,7 @@ OUT=${OUT:-runs/fcos_synthetic}
 DATA=${DATA:-datasets/synthetic_coco}
 SEED=${SEED:-0}
 cargo build --release --bin skd-det
-[ -d "$DATA" ] || "$BIN" synth coco --out "$DATA" --width 320 --height 240 --train-images 96 --val-images 24
+[ -d "$DATA" ] || "$BIN" synth coco --out "$DATA" --width 320 --height 240 --train-images 300 --val-images 48
 "$BIN" train fcos --config configs/synthetic_fcos_teacher.json --data "$DATA" --run-dir "$OUT/teacher" \
   --set seed="$SEED" > "$OUT.teacher.txt"
 "$BIN" train fcos --config configs/synthetic_fcos_student_baseline.json --data "$DATA" --run-dir "$OUT/baseline" \

@@ -77,35 +77,62 @@ pub fn load<T: Serialize + DeserializeOwned + Default>(
 /// The resolved config a run writes into its directory (and `--resume` reads back).
 pub const CONFIG_FILE: &str = "config.json";
 
-/// What a `train` command was asked for: a new run from a config file and overrides, or
+/// The arguments every `train` command takes: a new run from a config file and overrides, or
 /// `--resume DIR`, which continues that run with the config it wrote.
-pub struct TrainRequest<'a> {
-    pub resume: Option<&'a std::path::Path>,
-    pub config: Option<&'a std::path::Path>,
-    /// `--set` values, and the shortcuts (`--data`, `--teacher`) already turned into overrides.
-    pub overrides: Vec<String>,
-    pub run_dir: Option<&'a std::path::Path>,
-    /// A new run without `run_dir` goes to `runs/<prefix>-<unix time>`.
-    pub prefix: &'a str,
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// A JSON config (configs/*.json); without it, the defaults (the reference protocol).
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    /// Override a config value, e.g. --set distill.pair_wise.weight=10 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Dataset root (data.root).
+    #[arg(long)]
+    pub data: Option<std::path::PathBuf>,
+    /// The teacher's weights file.
+    #[arg(long)]
+    pub teacher: Option<String>,
+    /// Where the run's files go (default runs/<task>-<unix time>).
+    #[arg(long, conflicts_with = "resume")]
+    pub run_dir: Option<std::path::PathBuf>,
+    /// Continue the run in this directory from its last checkpoint, with its config.
+    #[arg(long, value_name = "RUN_DIR")]
+    pub resume: Option<std::path::PathBuf>,
+    /// Print the resolved config as JSON and exit.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
-impl TrainRequest<'_> {
-    /// The config (through `load`), the run directory and whether the run resumes.
+impl RunArgs {
+    /// The config (through `load`), the run directory and whether the run resumes. `--teacher`
+    /// sets the config key `teacher_key`; a new run without `--run-dir` goes to
+    /// `runs/<prefix>-<unix time>`.
     pub fn resolve<T>(
-        self,
+        &self,
+        teacher_key: &str,
+        prefix: &str,
         load: impl Fn(Option<&std::path::Path>, &[String]) -> Result<T, ConfigError>,
     ) -> Result<(T, std::path::PathBuf, bool), ConfigError> {
-        if let Some(dir) = self.resume {
-            if self.config.is_some() || !self.overrides.is_empty() {
+        if let Some(dir) = &self.resume {
+            if self.config.is_some() || !self.set.is_empty() || self.data.is_some() || self.teacher.is_some() {
                 return Err(ConfigError::Invalid(
                     "--resume takes the run's own config; drop --config/--set/--data/--teacher".into(),
                 ));
             }
-            return Ok((load(Some(&dir.join(CONFIG_FILE)), &[])?, dir.to_path_buf(), true));
+            return Ok((load(Some(&dir.join(CONFIG_FILE)), &[])?, dir.clone(), true));
         }
-        let cfg = load(self.config, &self.overrides)?;
+        let quoted = |v: &str| serde_json::to_string(v).expect("a string serialises");
+        let mut overrides = self.set.clone();
+        if let Some(d) = &self.data {
+            overrides.push(format!("data.root={}", quoted(&d.display().to_string())));
+        }
+        if let Some(t) = &self.teacher {
+            overrides.push(format!("{teacher_key}={}", quoted(t)));
+        }
+        let cfg = load(self.config.as_deref(), &overrides)?;
         let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let dir = self.run_dir.map_or_else(|| format!("runs/{}-{secs}", self.prefix).into(), |d| d.to_path_buf());
+        let dir = self.run_dir.clone().unwrap_or_else(|| format!("runs/{prefix}-{secs}").into());
         Ok((cfg, dir, false))
     }
 }

@@ -33,52 +33,13 @@ enum Command {
 #[derive(Subcommand)]
 enum TrainModel {
     /// FCOS; defaults = fcos_R_50_FPN_1x's schedule with the authors' distillation recipe.
-    Fcos(Box<TrainArgs>),
+    Fcos(Box<skd::config::RunArgs>),
 }
 
-#[derive(clap::Args)]
-struct TrainArgs {
-    /// A JSON config (configs/fcos_*.json); without it, the defaults.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Override a config value, e.g. --set distill.pair_wise.scale=0.5 (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Vec<String>,
-    /// Dataset root (data.root).
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Teacher checkpoint (teacher.weights).
-    #[arg(long)]
-    teacher: Option<PathBuf>,
-    /// Where the run's files go (default runs/fcos-<unix time>).
-    #[arg(long, conflicts_with = "resume")]
-    run_dir: Option<PathBuf>,
-    /// Continue the run in this directory from its last checkpoint, with its config.
-    #[arg(long, value_name = "RUN_DIR")]
-    resume: Option<PathBuf>,
-    /// Print the resolved config as JSON and exit.
-    #[arg(long)]
-    print_config: bool,
-}
-
-fn train(a: TrainArgs) -> anyhow::Result<()> {
+fn train(a: skd::config::RunArgs) -> anyhow::Result<()> {
     use skd::det::config::TrainConfig;
     use skd::det::train::{RunOptions, run};
-    let mut overrides = a.set.clone();
-    if let Some(d) = &a.data {
-        overrides.push(format!("data.root={}", serde_json::to_string(d)?));
-    }
-    if let Some(t) = &a.teacher {
-        overrides.push(format!("teacher.weights={}", serde_json::to_string(t)?));
-    }
-    let request = skd::config::TrainRequest {
-        resume: a.resume.as_deref(),
-        config: a.config.as_deref(),
-        overrides,
-        run_dir: a.run_dir.as_deref(),
-        prefix: "fcos",
-    };
-    let (cfg, run_dir, resume) = request.resolve(TrainConfig::load)?;
+    let (cfg, run_dir, resume) = a.resolve("teacher.weights", "fcos", TrainConfig::load)?;
     if a.print_config {
         println!("{}", serde_json::to_string_pretty(&cfg)?);
         return Ok(());

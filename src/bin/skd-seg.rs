@@ -144,51 +144,18 @@ enum TrainDataset {
 
 #[derive(clap::Args)]
 struct TrainArgs {
-    /// A JSON config (configs/*.json); without it, the released protocol.
-    #[arg(long)]
-    config: Option<std::path::PathBuf>,
-    /// Override a config value, e.g. --set distill.pair_wise.weight=10 (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Vec<String>,
-    /// Dataset root (data.root).
-    #[arg(long)]
-    data: Option<std::path::PathBuf>,
-    /// Teacher weights file (teacher.weights.path).
-    #[arg(long)]
-    teacher: Option<String>,
-    /// Where the run's files go (default runs/cityscapes-<unix time>).
-    #[arg(long, conflicts_with = "resume")]
-    run_dir: Option<std::path::PathBuf>,
-    /// Continue the run in this directory from its last checkpoint, with its config.
-    #[arg(long, value_name = "RUN_DIR")]
-    resume: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    run: skd::config::RunArgs,
     /// Evaluate the teacher on N val images before training and print its mIoU.
     #[arg(long, value_name = "N")]
     check_teacher: Option<usize>,
-    /// Print the resolved config as JSON and exit.
-    #[arg(long)]
-    print_config: bool,
 }
 
 fn train(a: TrainArgs) -> anyhow::Result<()> {
     use skd::seg::config::TrainConfig;
     use skd::seg::train::{RunOptions, run};
-    let mut overrides = a.set.clone();
-    if let Some(d) = &a.data {
-        overrides.push(format!("data.root={}", serde_json::to_string(d)?));
-    }
-    if let Some(t) = &a.teacher {
-        overrides.push(format!("teacher.weights.path={}", serde_json::to_string(t)?));
-    }
-    let request = skd::config::TrainRequest {
-        resume: a.resume.as_deref(),
-        config: a.config.as_deref(),
-        overrides,
-        run_dir: a.run_dir.as_deref(),
-        prefix: "cityscapes",
-    };
-    let (cfg, run_dir, resume) = request.resolve(TrainConfig::load)?;
-    if a.print_config {
+    let (cfg, run_dir, resume) = a.run.resolve("teacher.weights.path", "cityscapes", TrainConfig::load)?;
+    if a.run.print_config {
         println!("{}", serde_json::to_string_pretty(&cfg)?);
         return Ok(());
     }
