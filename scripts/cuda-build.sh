@@ -120,7 +120,8 @@ if [ ! -f "$TK/.complete" ]; then
   done
 
   # libcuda stub: every cu* function of cudarc's driver bindings, returning 34
-  # (CUDA_ERROR_STUB_LIBRARY), so a binary that starts with it reports an error instead of crashing.
+  # (CUDA_ERROR_STUB_LIBRARY), so a binary that starts with it reports an error instead of crashing;
+  # cuGetErrorName/String succeed with a message that says what happened.
   CUDARC=$(cargo metadata --format-version 1 --features "$FEATURES" --manifest-path "$REPO/Cargo.toml" |
     python3 -c 'import json,sys,os; m=json.load(sys.stdin); print(next(os.path.dirname(p["manifest_path"]) for p in m["packages"] if p["name"]=="cudarc"))') \
     || die "cargo metadata could not locate the cudarc sources"
@@ -128,7 +129,10 @@ if [ ! -f "$TK/.complete" ]; then
   [ "$(echo "$names" | wc -l)" -gt 100 ] || die "found too few cu* functions in $CUDARC/src/driver/sys/mod.rs"
   {
     echo '/* libcuda stub made by scripts/cuda-build.sh: link-time only; no NVIDIA driver here */'
-    echo "$names" | sed 's/.*/int &(void) { return 34; }/'
+    echo 'static const char *msg = "no NVIDIA driver: this libcuda.so.1 is the link-time stub of scripts/cuda-build.sh";'
+    echo 'int cuGetErrorName(int e, const char **s) { *s = "CUDA_ERROR_STUB_LIBRARY"; return 0; }'
+    echo 'int cuGetErrorString(int e, const char **s) { *s = msg; return 0; }'
+    echo "$names" | grep -vx 'cuGetErrorName\|cuGetErrorString' | sed 's/.*/int &(void) { return 34; }/'
   } > "$TK/libcuda-stub.c"
   gcc -shared -fPIC -O1 -Wl,-soname,libcuda.so.1 -o "$STUB/libcuda.so.1" "$TK/libcuda-stub.c" \
     || die "gcc could not build the libcuda stub"
@@ -162,18 +166,23 @@ for b in skd-seg skd-det; do
 done
 readelf -d "${BINS[0]}" | grep -q 'libcuda.so.1' || die "${BINS[0]} does not link libcuda.so.1: built without CUDA?"
 
+# Both binaries in one archive (PTX/SASS compress about 4x), small enough to carry to a GPU machine.
+TARBALL=$TARGET_DIR/skd-cuda-bins.tar.gz
+tar -czf "$TARBALL" -C "$TARGET_DIR/release" skd-seg skd-det || die "could not write $TARBALL"
+
 LOCAL_LD="$STUB:$C/lib:$TK/nvidia/cudnn/lib"
 cat <<EOF
 
 cuda-build: built in $((secs / 60)) min $((secs % 60)) s:
 $(for b in "${BINS[@]}"; do echo "  $b ($(du -h "$b" | cut -f1))"; done)
+  $TARBALL ($(du -h "$TARBALL" | cut -f1), both; unpack with tar -xzf)
   needs: $(readelf -d "${BINS[0]}" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' | tr '\n' ' ')
 
 On the GPU machine (driver >= 580, PyTorch with CUDA 13 in python3), point the loader at
 PyTorch's CUDA libraries (libcuda.so.1 comes from the driver):
   SP=\$(python3 -c 'import site; print(site.getsitepackages()[0])')
   export LD_LIBRARY_PATH=\$(printf '%s:' "\$SP"/nvidia/*/lib)\$LD_LIBRARY_PATH
-  ./skd-seg bench --mode infer --device cuda --size 512 1024 --steps 5
+  ./skd-seg bench --mode infer --device cuda --size 512 1024 --batch 1 --steps 5
 (check with: ldd ./skd-seg | grep 'not found'). Do not put the stub below on that path.
 
 Here, without a driver, the binaries start only with the stub and the wheels' libraries:
