@@ -83,7 +83,8 @@ struct EvalArgs {
     /// The images of --annotations (with --checkpoint).
     #[arg(long, requires = "checkpoint")]
     images: Option<PathBuf>,
-    /// Where --checkpoint writes its detections (COCO results format).
+    /// Where --checkpoint writes its detections (COCO results format; default detections.json
+    /// beside the checkpoint).
     #[arg(long, requires = "checkpoint")]
     out: Option<PathBuf>,
     /// Shorter side the images are resized to (with --checkpoint).
@@ -126,10 +127,9 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
             let ds = Arc::new(ds);
             let post = skd::det::postprocess::PostprocessConfig::default();
             let dets = skd::det::eval::detect(&c.net, ds.clone(), &c.category_ids, &post, 1, &device, true)?;
-            if let Some(out) = &a.out {
-                write_json(out, &dets)?;
-                eprintln!("wrote {} detections to {}", dets.len(), out.display());
-            }
+            let out = a.out.clone().unwrap_or_else(|| ckpt.with_file_name("detections.json"));
+            write_json(&out, &dets)?;
+            eprintln!("wrote {} detections to {}", dets.len(), out.display());
             (skd::det::eval::score(&gt, &ds, &dets), dets.len())
         }
         (None, None) => anyhow::bail!("pass --detections FILE or --checkpoint FILE"),
