@@ -4,10 +4,10 @@
 //! input gradient is a naive `conv_transpose2d` (about 5x the forward). Here the whole batch's
 //! patches become one `[B·Ho·Wo, C·k·k]` matrix, so the forward, the input gradient
 //! (`grad · W`, then col2im) and the weight gradient (`colsᵀ · grad`) are each one large GEMM.
-//! [`Im2Col`] and [`Col2Im`] are linear and each other's adjoint, so every derivative (the
-//! critic's double backward included) is built from them and matmuls.
+//! [`Im2Col`] and [`Col2Im`] are linear and each other's adjoint, so every derivative is built
+//! from them and matmuls.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Geometry of a square-kernel convolution's patches, for a `[B, C, H, W]` input.
@@ -129,23 +129,95 @@ impl CustomOp1 for Col2Im {
 }
 
 /// `conv2d(x, weight)` (no bias) for f32 on the CPU: `x` `[B, C, H, W]`, `weight`
-/// `[C_out, C, k, k]`.
+/// `[C_out, C, k, k]`. The patch matrix lives only inside each pass: the backward builds it again
+/// from `x` rather than keeping it (nine times the input for a 3x3 kernel) from the forward.
 pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize, dilation: usize) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let (c_out, c_w, k, k2) = weight.dims4()?;
+    let (_, c, _, _) = x.dims4()?;
+    let (_, c_w, k, k2) = weight.dims4()?;
     if c_w != c || k != k2 {
         candle_core::bail!("conv2d: input {:?} and weight {:?} do not fit", x.dims(), weight.dims());
     }
-    let p = Patches { kernel: k, stride, padding, dilation, channels: c, h, w };
-    let (oh, ow) = p.out_hw();
-    let cols = if k == 1 && stride == 1 && padding == 0 {
-        // A 1x1 convolution's patches are the pixels themselves.
-        x.permute((0, 2, 3, 1))?.reshape((b * h * w, c))?
-    } else {
-        x.contiguous()?.apply_op1(Im2Col(p))?.reshape((b * oh * ow, c * k * k))?
-    };
-    let y = cols.matmul(&weight.reshape((c_out, c * k * k))?.t()?)?;
-    y.reshape((b, oh * ow, c_out))?.transpose(1, 2)?.contiguous()?.reshape((b, c_out, oh, ow))
+    x.contiguous()?.apply_op2(&weight.contiguous()?, ConvOp { stride, padding, dilation })
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ConvOp {
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+}
+
+impl ConvOp {
+    fn patches(&self, x: &Tensor, weight: &Tensor) -> Result<Patches> {
+        let (_, c, h, w) = x.dims4()?;
+        Ok(Patches {
+            kernel: weight.dim(2)?,
+            stride: self.stride,
+            padding: self.padding,
+            dilation: self.dilation,
+            channels: c,
+            h,
+            w,
+        })
+    }
+
+    /// `[B·Ho·Wo, C·k·k]`: the patches of `x` (its pixels for a plain 1x1 convolution).
+    fn cols(&self, x: &Tensor, p: &Patches) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        if p.kernel == 1 && p.stride == 1 && p.padding == 0 {
+            return x.permute((0, 2, 3, 1))?.reshape((b * h * w, c));
+        }
+        let (oh, ow) = p.out_hw();
+        x.apply_op1(Im2Col(*p))?.reshape((b * oh * ow, p.row_len()))
+    }
+
+    fn forward(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let p = self.patches(x, weight)?;
+        let (b, c_out) = (x.dim(0)?, weight.dim(0)?);
+        let (oh, ow) = p.out_hw();
+        let y = self.cols(x, &p)?.matmul(&weight.reshape((c_out, p.row_len()))?.t()?)?;
+        y.reshape((b, oh * ow, c_out))?.transpose(1, 2)?.contiguous()?.reshape((b, c_out, oh, ow))
+    }
+}
+
+fn cpu_tensor(storage: &CpuStorage, layout: &Layout, op: &str) -> Result<Tensor> {
+    Tensor::from_slice(f32_slice(storage, layout, op)?, layout.shape(), &candle_core::Device::Cpu)
+}
+
+impl CustomOp2 for ConvOp {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let y = self.forward(&cpu_tensor(s1, l1, "conv2d")?, &cpu_tensor(s2, l2, "conv2d")?)?;
+        let shape = y.shape().clone();
+        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+    }
+
+    /// `∂W = gᵀ · cols(x)`, `∂x = col2im(g · W)`, with `g` the output gradient as
+    /// `[B·Ho·Wo, C_out]`: two GEMMs, built from differentiable ops.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let p = self.patches(x, weight)?;
+        let (b, c, h, w) = x.dims4()?;
+        let c_out = weight.dim(0)?;
+        let (oh, ow) = p.out_hw();
+        let g = grad.permute((0, 2, 3, 1))?.reshape((b * oh * ow, c_out))?;
+        let grad_w = g.t()?.matmul(&self.cols(x, &p)?)?.reshape(weight.shape())?;
+        let grad_cols = g.matmul(&weight.reshape((c_out, p.row_len()))?)?;
+        let grad_x = if p.kernel == 1 && p.stride == 1 && p.padding == 0 {
+            grad_cols.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?
+        } else {
+            grad_cols.reshape((b, oh * ow, p.row_len()))?.apply_op1(Col2Im(p))?
+        };
+        Ok((Some(grad_x), Some(grad_w)))
+    }
 }
 
 #[cfg(test)]
