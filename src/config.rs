@@ -74,6 +74,25 @@ pub fn load<T: Serialize + DeserializeOwned + Default>(
     })
 }
 
+/// The checks every task's training config shares: optimiser and distillation values, a teacher
+/// whenever a distillation term is on, and a device that exists.
+pub fn check_training(
+    optim: &crate::train::OptimConfig,
+    distill: &crate::distill::DistillConfig,
+    has_teacher: bool,
+    device: &str,
+) -> Result<(), ConfigError> {
+    let bad = |e: candle_core::Error| ConfigError::Invalid(e.to_string());
+    optim.validate().map_err(bad)?;
+    distill.validate().map_err(bad)?;
+    if distill.is_active() && !has_teacher {
+        return Err(ConfigError::Invalid(
+            "distillation terms are on but there is no teacher; set teacher or turn the terms off (--set distill.pixel_wise=null ...)".into(),
+        ));
+    }
+    crate::device(device).map(|_| ()).map_err(|e| ConfigError::Invalid(format!("device {device:?}: {e}")))
+}
+
 /// The resolved config a run writes into its directory (and `--resume` reads back).
 pub const CONFIG_FILE: &str = "config.json";
 

@@ -189,8 +189,7 @@ impl TrainConfig {
     /// Checks everything that can be checked without reading data or weights.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |e: candle_core::Error| ConfigError::Invalid(e.to_string());
-        self.optim.validate().map_err(bad)?;
-        self.distill.validate().map_err(bad)?;
+        crate::config::check_training(&self.optim, &self.distill, self.teacher.is_some(), &self.device)?;
         self.data.input.check().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         // The class count is the dataset's; any positive one checks the rest.
         let student = self.student.resolve(1).map_err(bad)?;
@@ -199,11 +198,6 @@ impl TrainConfig {
             if teacher.levels != student.levels {
                 return Err(ConfigError::Invalid("teacher and student must predict on the same levels".into()));
             }
-        }
-        if self.distill.is_active() && self.teacher.is_none() {
-            return Err(ConfigError::Invalid(
-                "distillation terms are on but there is no teacher; set teacher or turn the terms off (--set distill.pixel_wise=null ...)".into(),
-            ));
         }
         if self.distill.holistic.is_some() {
             return Err(ConfigError::Invalid(
@@ -218,9 +212,6 @@ impl TrainConfig {
                 self.targets.center_sampling_radius
             )));
         }
-        crate::device(&self.device)
-            .map(|_| ())
-            .map_err(|e| ConfigError::Invalid(format!("device {:?}: {e}", self.device)))?;
         Ok(())
     }
 }

@@ -27,7 +27,7 @@ use super::loss::{LossConfig, fcos_losses};
 use super::targets::{Levels, Locations, TargetConfig, compute_targets};
 use super::weights;
 use crate::distill::{Distiller, Losses, PixelWiseLoss};
-use crate::train::run::{LoopSettings, RunIoError, Validation, run_loop};
+use crate::train::run::{LoopSettings, RunIoError, Validation, run_loop, start_run_dir};
 use crate::train::state::load_state;
 use crate::train::{DenseNet, Settings, Task, Trainer};
 use crate::weights::WeightsError;
@@ -113,16 +113,7 @@ pub const STUDENT_FILE: &str = "student.safetensors";
 pub fn run(cfg: &TrainConfig, run_dir: &Path, opts: &RunOptions) -> Result<RunSummary, TrainError> {
     let started = Instant::now();
     cfg.validate()?;
-    let io = |path: &Path| {
-        let path = path.display().to_string();
-        move |source| RunIoError { path: path.clone(), source }
-    };
-    std::fs::create_dir_all(run_dir).map_err(io(run_dir))?;
-    let config_path = run_dir.join(crate::config::CONFIG_FILE);
-    let resolved = serde_json::to_string_pretty(cfg).expect("config serialises");
-    if !opts.resume {
-        std::fs::write(&config_path, &resolved).map_err(io(&config_path))?;
-    }
+    let resolved = start_run_dir(run_dir, cfg, opts.resume)?;
     let say = |msg: String| {
         if opts.verbose {
             eprintln!("{msg}");

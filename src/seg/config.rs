@@ -174,8 +174,7 @@ impl TrainConfig {
     /// Checks everything that can be checked without reading data or weights.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |e: candle_core::Error| ConfigError::Invalid(e.to_string());
-        self.optim.validate().map_err(bad)?;
-        self.distill.validate().map_err(bad)?;
+        crate::config::check_training(&self.optim, &self.distill, self.teacher.is_some(), &self.device)?;
         let student = self.student.model.resolve().map_err(bad)?;
         if let Some(t) = &self.teacher {
             let teacher = t.model.resolve().map_err(bad)?;
@@ -185,11 +184,6 @@ impl TrainConfig {
                     teacher.num_classes, student.num_classes
                 )));
             }
-        }
-        let distilling =
-            self.distill.pixel_wise.is_some() || self.distill.pair_wise.is_some() || self.distill.holistic.is_some();
-        if distilling && self.teacher.is_none() {
-            return Err(ConfigError::Invalid("distillation terms are on but there is no teacher; set teacher or turn the terms off (distill.pixel_wise=null, ...)".into()));
         }
         if self.optim.batch_size < 2 {
             return Err(ConfigError::Invalid(format!(
@@ -212,9 +206,6 @@ impl TrainConfig {
                 ))
             })?;
         }
-        crate::device(&self.device)
-            .map(|_| ())
-            .map_err(|e| ConfigError::Invalid(format!("device {:?}: {e}", self.device)))?;
         Ok(())
     }
 }

@@ -25,7 +25,7 @@ use super::metrics::Scores;
 use super::pspnet::{PspNet, PspOutput};
 use super::weights::{load_frozen, load_trainable, save};
 use crate::distill::{Distiller, Losses};
-use crate::train::run::{LoopSettings, RunIoError, Validation, run_loop};
+use crate::train::run::{LoopSettings, RunIoError, Validation, run_loop, start_run_dir};
 use crate::train::state::load_state;
 use crate::train::{DenseNet, Settings, Task, Trainer};
 use crate::weights::{LoadMode, WeightsError};
@@ -81,14 +81,8 @@ pub enum TrainError {
     Eval(#[from] EvalError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-    #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
     #[error(transparent)]
-    RunIo(#[from] RunIoError),
-}
-
-fn io(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io { path: path.display().to_string(), source }
+    Io(#[from] RunIoError),
 }
 
 #[derive(Debug, Clone, Default)]
@@ -131,12 +125,7 @@ fn val_split(cfg: &TrainConfig, limit: Option<usize>) -> Result<Option<Split>, T
 pub fn run(cfg: &TrainConfig, run_dir: &Path, opts: &RunOptions) -> Result<RunSummary, TrainError> {
     let started = Instant::now();
     cfg.validate()?;
-    std::fs::create_dir_all(run_dir).map_err(io(run_dir))?;
-    let config_path = run_dir.join(crate::config::CONFIG_FILE);
-    let resolved = serde_json::to_string_pretty(cfg).expect("config serialises");
-    if !opts.resume {
-        std::fs::write(&config_path, &resolved).map_err(io(&config_path))?;
-    }
+    let resolved = start_run_dir(run_dir, cfg, opts.resume)?;
     let say = |msg: String| {
         if opts.verbose {
             eprintln!("{msg}");

@@ -32,6 +32,18 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> RunIoError + '_ {
     move |source| RunIoError { path: path.display().to_string(), source }
 }
 
+/// Creates `run_dir` and, for a new run, writes the resolved `config` into it
+/// (`config.json`, which `--resume` reads back). Returns the config as JSON, for the state file.
+pub fn start_run_dir(run_dir: &Path, config: &impl serde::Serialize, resume: bool) -> Result<String, RunIoError> {
+    std::fs::create_dir_all(run_dir).map_err(io(run_dir))?;
+    let resolved = serde_json::to_string_pretty(config).expect("config serialises");
+    if !resume {
+        let path = run_dir.join(crate::config::CONFIG_FILE);
+        std::fs::write(&path, &resolved).map_err(io(&path))?;
+    }
+    Ok(resolved)
+}
+
 /// When the loop logs, checkpoints and validates.
 #[derive(Debug, Clone)]
 pub struct LoopSettings {
