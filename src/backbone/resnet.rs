@@ -14,11 +14,12 @@
 //! so CSAIL (`resnet18-imagenet.pth`) and torchvision checkpoints map onto it directly.
 
 use candle_core::{Module, ModuleT, Result, Tensor};
-use candle_nn::{BatchNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::nn::MaxPool2d;
-use crate::nn::conv::{Conv, ConvSpec, batch_norm};
+use crate::nn::batch_norm::{Activation, BatchNorm};
+use crate::nn::conv::{Conv, ConvSpec};
 
 /// Residual block type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,11 +179,11 @@ struct ConvBn {
 
 impl ConvBn {
     fn new(spec: ConvSpec, vb_conv: VarBuilder, vb_bn: VarBuilder) -> Result<Self> {
-        Ok(Self { conv: Conv::new(spec, false, vb_conv)?, bn: batch_norm(spec.c_out, vb_bn)? })
+        Ok(Self { conv: Conv::new(spec, false, vb_conv)?, bn: BatchNorm::new(spec.c_out, vb_bn)? })
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.bn.forward_t(&self.conv.forward(x)?, train)
+    fn forward_t(&self, x: &Tensor, train: bool, act: Activation) -> Result<Tensor> {
+        self.bn.forward_act(&self.conv.forward(x)?, train, act)
     }
 }
 
@@ -240,16 +241,13 @@ impl ResidualBlock {
 impl ModuleT for ResidualBlock {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let shortcut = match &self.downsample {
-            Some(ds) => ds.forward_t(x, train)?,
+            Some(ds) => ds.forward_t(x, train, Activation::Identity)?,
             None => x.clone(),
         };
         let last = self.convs.len() - 1;
         let mut y = x.clone();
         for (i, c) in self.convs.iter().enumerate() {
-            y = c.forward_t(&y, train)?;
-            if i < last {
-                y = y.relu()?;
-            }
+            y = c.forward_t(&y, train, if i < last { Activation::Relu } else { Activation::Identity })?;
         }
         (y + shortcut)?.relu()
     }
@@ -329,7 +327,7 @@ impl ResNet {
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<ResNetFeatures> {
         let mut y = x.clone();
         for c in &self.stem {
-            y = c.forward_t(&y, train)?.relu()?;
+            y = c.forward_t(&y, train, Activation::Relu)?;
         }
         let stem = self.pool.forward(&y)?;
         let mut y = stem.clone();

@@ -28,7 +28,8 @@ use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{BatchNorm, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
-use crate::nn::conv::{Conv, ConvSpec, batch_norm};
+use crate::nn::batch_norm::pytorch_config;
+use crate::nn::conv::{Conv, ConvSpec};
 use crate::nn::{SelfAttention, SpectralNormConv2d, SplitMix64};
 
 const LRELU_SLOPE: f64 = 0.1;
@@ -73,7 +74,9 @@ impl Discriminator {
     /// A critic for `[B, in_channels, h, w]` logits with base width `conv_dim` (64 as run).
     pub fn new(in_channels: usize, conv_dim: usize, (h, w): (usize, usize), vb: VarBuilder) -> Result<Self> {
         let depth = critic_depth(h, w)?;
-        let preprocess_additional = batch_norm(in_channels, vb.pp("preprocess_additional"))?;
+        // Candle's BatchNorm, not the fused one: the penalty differentiates through it twice.
+        let preprocess_additional =
+            candle_nn::batch_norm(in_channels, pytorch_config(), vb.pp("preprocess_additional"))?;
         let width = |i: usize| conv_dim << i; // d, 2d, 4d, 8d
         let convs = (0..depth)
             .map(|i| {

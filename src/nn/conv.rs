@@ -1,11 +1,11 @@
 //! A square 2-D convolution that knows its geometry (for output sizes and multiply-accumulate
-//! counts), built with PyTorch's default initialisation, and the BatchNorm the networks use.
+//! counts), built with PyTorch's default initialisation.
 //!
 //! `nn.Conv2d` draws weight and bias from `U(−1/√fan_in, 1/√fan_in)` (kaiming_uniform with
 //! `a = √5`); candle-nn's `conv2d` uses a Kaiming normal instead. Keys: `weight`, `bias`.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, Init, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, Init, VarBuilder};
 
 /// PyTorch's default uniform bound for a layer with `fan_in` inputs.
 pub fn default_bound(fan_in: usize) -> f64 {
@@ -119,13 +119,6 @@ impl Conv {
         }
         self.inner.forward(x)
     }
-}
-
-/// `nn.BatchNorm2d(channels)`: eps 1e-5, momentum 0.1, affine; keys `weight`, `bias`,
-/// `running_mean`, `running_var`.
-pub fn batch_norm(channels: usize, vb: VarBuilder) -> Result<BatchNorm> {
-    let cfg = BatchNormConfig { eps: 1e-5, remove_mean: true, affine: true, momentum: 0.1 };
-    candle_nn::batch_norm(channels, cfg, vb)
 }
 
 #[cfg(test)]

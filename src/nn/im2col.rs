@@ -1,13 +1,15 @@
-//! Convolution on the CPU as im2col + one matrix product, with col2im as the adjoint.
+//! Convolution on the CPU as im2col + one matrix product per image, with col2im as the adjoint.
 //!
 //! Candle's CPU `conv2d` runs about 3.5x slower than the matrix product it amounts to, and its
-//! input gradient is a naive `conv_transpose2d` (about 5x the forward). Here the whole batch's
-//! patches become one `[B·Ho·Wo, C·k·k]` matrix, so the forward, the input gradient
-//! (`grad · W`, then col2im) and the weight gradient (`colsᵀ · grad`) are each one large GEMM.
-//! [`Im2Col`] and [`Col2Im`] are linear and each other's adjoint, so every derivative is built
-//! from them and matmuls.
+//! input gradient is a naive `conv_transpose2d` (about 5x the forward). Here each image's
+//! patches become a `[C·k·k, Ho·Wo]` matrix (the input itself for a plain 1x1 convolution), so
+//! the forward `W · cols`, the weight gradient `g · colsᵀ` and the input gradient
+//! `col2im(Wᵀ · g)` are each one [`sgemm`] per image, writing NCHW directly. The three ops are
+//! linear in each argument and each other's adjoints, so every derivative (the second ones of
+//! the WGAN-GP penalty included) is one of them again.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use super::sgemm::{Lines, Mat, sgemm};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Geometry of a square-kernel convolution's patches, for a `[B, C, H, W]` input.
@@ -29,15 +31,142 @@ impl Patches {
         (one(self.h), one(self.w))
     }
 
-    fn row_len(&self) -> usize {
+    fn rows(&self) -> usize {
         self.channels * self.kernel * self.kernel
     }
 
-    /// The input pixel `(iy, ix)` patch entry `(ky, kx)` of output `(oy, ox)` reads, if inside.
-    fn source(&self, oy: usize, ox: usize, ky: usize, kx: usize) -> Option<(usize, usize)> {
-        let iy = (oy * self.stride + ky * self.dilation).checked_sub(self.padding)?;
-        let ix = (ox * self.stride + kx * self.dilation).checked_sub(self.padding)?;
-        (iy < self.h && ix < self.w).then_some((iy, ix))
+    /// A 1x1, stride-1, unpadded convolution: the input is its own patch matrix.
+    fn is_pointwise(&self) -> bool {
+        self.kernel == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    /// For kernel offset `k` along a side of length `n` with `out` outputs: the outputs whose
+    /// tap lies inside (`lo..hi`), and the input index of output 0 (may be negative).
+    fn span(&self, k: usize, n: usize, out: usize) -> (usize, usize, isize) {
+        let first = (k * self.dilation) as isize - self.padding as isize;
+        let s = self.stride as isize;
+        let lo = if first >= 0 { 0 } else { (-first + s - 1) / s };
+        let hi = if first >= n as isize { 0 } else { (n as isize - 1 - first) / s + 1 };
+        (lo as usize, (hi as usize).clamp(lo as usize, out), first)
+    }
+
+    /// The input index of output `o`'s tap at offset `k` along a side (`span`'s `first`).
+    fn at(&self, first: isize, o: usize) -> usize {
+        (first + (o * self.stride) as isize) as usize
+    }
+
+    /// The adjoint of the patch matrix (`[C·k·k, Ho·Wo]`, row `(c, ky, kx)`): summed into one
+    /// image, overlapping taps added.
+    fn col2im(&self, cols: &[f32], image: &mut [f32]) {
+        let (oh, ow) = self.out_hw();
+        let k = self.kernel;
+        // One channel plane per task: every write of a task stays in its plane.
+        image.par_chunks_mut(self.h * self.w).enumerate().for_each(|(c, plane)| {
+            plane.fill(0.0);
+            for ky in 0..k {
+                let (y_lo, y_hi, y0) = self.span(ky, self.h, oh);
+                for kx in 0..k {
+                    let (x_lo, x_hi, x0) = self.span(kx, self.w, ow);
+                    let row = &cols[((c * k + ky) * k + kx) * oh * ow..][..oh * ow];
+                    for oy in y_lo..y_hi {
+                        let dst = &mut plane[self.at(y0, oy) * self.w..][..self.w];
+                        for ox in x_lo..x_hi {
+                            dst[self.at(x0, ox)] += row[oy * ow + ox];
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// One image's patch matrix (`[C·k·k, Ho·Wo]`: tap `(c, ky, kx)` by output position
+/// `(oy, ox)`, 0 in the padding) as a GEMM operand, packed straight from the image. Its lines
+/// are the output positions (the forward's B) or the taps (the weight gradient's A).
+struct Taps<'a> {
+    p: Patches,
+    image: &'a [f32],
+    taps_are_lines: bool,
+}
+
+impl Taps<'_> {
+    /// `dst[q · stride] = cols[tap][pos0 + q]` for `q < len`.
+    fn gather(&self, tap: usize, pos0: usize, len: usize, dst: &mut [f32], stride: usize) {
+        let p = &self.p;
+        let (k, (oh, ow)) = (p.kernel, p.out_hw());
+        let (c, ky, kx) = (tap / (k * k), tap / k % k, tap % k);
+        let plane = &self.image[c * p.h * p.w..][..p.h * p.w];
+        let (y_lo, y_hi, y0) = p.span(ky, p.h, oh);
+        let (x_lo, x_hi, x0) = p.span(kx, p.w, ow);
+        let (mut pos, end, mut q) = (pos0, pos0 + len, 0);
+        while pos < end {
+            let (oy, ox_start) = (pos / ow, pos % ow);
+            let ox_end = ow.min(ox_start + end - pos);
+            let run = ox_end - ox_start;
+            if (y_lo..y_hi).contains(&oy) {
+                let row = &plane[p.at(y0, oy) * p.w..][..p.w];
+                let lo = x_lo.clamp(ox_start, ox_end);
+                let hi = x_hi.clamp(lo, ox_end);
+                for i in (ox_start..lo).chain(hi..ox_end) {
+                    dst[(q + i - ox_start) * stride] = 0.0;
+                }
+                if stride == 1 && p.stride == 1 && hi > lo {
+                    let (from, to) = (q + lo - ox_start, q + hi - ox_start);
+                    dst[from..to].copy_from_slice(&row[p.at(x0, lo)..][..hi - lo]);
+                } else {
+                    for ox in lo..hi {
+                        dst[(q + ox - ox_start) * stride] = row[p.at(x0, ox)];
+                    }
+                }
+            } else {
+                for i in 0..run {
+                    dst[(q + i) * stride] = 0.0;
+                }
+            }
+            pos += run;
+            q += run;
+        }
+    }
+}
+
+impl Lines for Taps<'_> {
+    fn pack(&self, line0: usize, lines: usize, depth0: usize, kc: usize, width: usize, dst: &mut [f32]) {
+        let panels = lines.div_ceil(width);
+        let dst = &mut dst[..panels * width * kc];
+        if !lines.is_multiple_of(width) {
+            dst[(panels - 1) * width * kc..].fill(0.0);
+        }
+        if self.taps_are_lines {
+            for l in 0..lines {
+                let panel = &mut dst[l / width * width * kc..];
+                self.gather(line0 + l, depth0, kc, &mut panel[l % width..], width);
+            }
+        } else {
+            // One tap's positions at a time, gathered whole, then cut into the panels.
+            let mut run = vec![0f32; lines];
+            for d in 0..kc {
+                self.gather(depth0 + d, line0, lines, &mut run, 1);
+                for (q, part) in run.chunks(width).enumerate() {
+                    dst[(q * kc + d) * width..][..part.len()].copy_from_slice(part);
+                }
+            }
+        }
+    }
+}
+
+/// `y = W · cols(x)` for each image of `x` `[B, C, H, W]`, `weight` `[C_out, C·k·k]`, into `y`
+/// `[B, C_out, Ho·Wo]`.
+fn convolve(p: Patches, x: &[f32], weight: &[f32], c_out: usize, y: &mut [f32]) {
+    let (oh, ow) = p.out_hw();
+    let w = Mat::rows(weight, p.rows());
+    let images = x.chunks_exact(p.channels * p.h * p.w).zip(y.chunks_exact_mut(c_out * oh * ow));
+    for (image, out) in images {
+        if p.is_pointwise() {
+            sgemm(c_out, oh * ow, p.rows(), &w, &Mat::columns(image, oh * ow), out, oh * ow, false);
+        } else {
+            let cols = Taps { p, image, taps_are_lines: false };
+            sgemm(c_out, oh * ow, p.rows(), &w, &cols, out, oh * ow, false);
+        }
     }
 }
 
@@ -47,156 +176,50 @@ fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&
     Ok(&data[start..end])
 }
 
-/// `[B, C, H, W]` -> `[B, Ho·Wo, C·k·k]`, row `oy·Wo + ox` holding the patch in `(c, ky, kx)`
-/// order (the order of a `[C_out, C, k, k]` weight's rows).
-#[derive(Debug, Clone, Copy)]
-pub struct Im2Col(pub Patches);
-
-/// The adjoint of [`Im2Col`]: `[B, Ho·Wo, C·k·k]` -> `[B, C, H, W]`, overlapping patches summed.
-#[derive(Debug, Clone, Copy)]
-pub struct Col2Im(pub Patches);
-
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "im2col"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let p = self.0;
-        let x = f32_slice(storage, layout, "im2col")?;
-        let b = layout.dims()[0];
-        let (oh, ow) = p.out_hw();
-        let (k, row) = (p.kernel, p.row_len());
-        let plane = p.h * p.w;
-        let mut out = vec![0f32; b * oh * ow * row];
-        out.par_chunks_mut(row).enumerate().for_each(|(r, dst)| {
-            let (n, pos) = (r / (oh * ow), r % (oh * ow));
-            let (oy, ox) = (pos / ow, pos % ow);
-            let image = &x[n * p.channels * plane..(n + 1) * p.channels * plane];
-            for c in 0..p.channels {
-                for ky in 0..k {
-                    for kx in 0..k {
-                        if let Some((iy, ix)) = p.source(oy, ox, ky, kx) {
-                            dst[(c * k + ky) * k + kx] = image[c * plane + iy * p.w + ix];
-                        }
-                    }
-                }
-            }
-        });
-        Ok((CpuStorage::F32(out), Shape::from((b, oh * ow, row))))
-    }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad_res.contiguous()?.apply_op1(Col2Im(self.0))?))
-    }
-}
-
-impl CustomOp1 for Col2Im {
-    fn name(&self) -> &'static str {
-        "col2im"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let p = self.0;
-        let cols = f32_slice(storage, layout, "col2im")?;
-        let b = layout.dims()[0];
-        let (oh, ow) = p.out_hw();
-        let (k, row) = (p.kernel, p.row_len());
-        let plane = p.h * p.w;
-        let mut out = vec![0f32; b * p.channels * plane];
-        // One (image, channel) plane per task: every write of a task stays in its plane.
-        out.par_chunks_mut(plane).enumerate().for_each(|(i, dst)| {
-            let (n, c) = (i / p.channels, i % p.channels);
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let src = &cols[(n * oh * ow + oy * ow + ox) * row + c * k * k..][..k * k];
-                    for ky in 0..k {
-                        for kx in 0..k {
-                            if let Some((iy, ix)) = p.source(oy, ox, ky, kx) {
-                                dst[iy * p.w + ix] += src[ky * k + kx];
-                            }
-                        }
-                    }
-                }
-            }
-        });
-        Ok((CpuStorage::F32(out), Shape::from((b, p.channels, p.h, p.w))))
-    }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad_res.contiguous()?.apply_op1(Im2Col(self.0))?))
-    }
-}
-
 /// `conv2d(x, weight)` (no bias) for f32 on the CPU: `x` `[B, C, H, W]`, `weight`
 /// `[C_out, C, k, k]`. The patch matrix lives only inside each pass: the backward builds it again
 /// from `x` rather than keeping it (nine times the input for a 3x3 kernel) from the forward.
 pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize, dilation: usize) -> Result<Tensor> {
-    let (_, c, _, _) = x.dims4()?;
+    let (_, c, h, w) = x.dims4()?;
     let (_, c_w, k, k2) = weight.dims4()?;
     if c_w != c || k != k2 {
         candle_core::bail!("conv2d: input {:?} and weight {:?} do not fit", x.dims(), weight.dims());
     }
-    x.contiguous()?.apply_op2(&weight.contiguous()?, ConvOp { stride, padding, dilation })
+    let p = Patches { kernel: k, stride, padding, dilation, channels: c, h, w };
+    x.contiguous()?.apply_op2(&weight.contiguous()?, Conv(p))
 }
 
+/// `(x, W) -> y`: the convolution.
 #[derive(Debug, Clone, Copy)]
-struct ConvOp {
-    stride: usize,
-    padding: usize,
-    dilation: usize,
+struct Conv(Patches);
+
+/// `(g, W) -> ∂x`: the input gradient for output gradient `g` (a transposed convolution).
+#[derive(Debug, Clone, Copy)]
+struct GradInput(Patches);
+
+/// `(x, g) -> ∂W`: the weight gradient for input `x` and output gradient `g`.
+#[derive(Debug, Clone, Copy)]
+struct GradWeight(Patches);
+
+fn apply(a: &Tensor, b: &Tensor, op: impl CustomOp2 + Send + Sync + 'static) -> Result<Tensor> {
+    a.contiguous()?.apply_op2(&b.contiguous()?, op)
 }
 
-impl ConvOp {
-    fn patches(&self, x: &Tensor, weight: &Tensor) -> Result<Patches> {
-        let (_, c, h, w) = x.dims4()?;
-        Ok(Patches {
-            kernel: weight.dim(2)?,
-            stride: self.stride,
-            padding: self.padding,
-            dilation: self.dilation,
-            channels: c,
-            h,
-            w,
-        })
-    }
-
-    /// `[B·Ho·Wo, C·k·k]`: the patches of `x` (its pixels for a plain 1x1 convolution).
-    fn cols(&self, x: &Tensor, p: &Patches) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        if p.kernel == 1 && p.stride == 1 && p.padding == 0 {
-            return x.permute((0, 2, 3, 1))?.reshape((b * h * w, c));
-        }
-        let (oh, ow) = p.out_hw();
-        x.apply_op1(Im2Col(*p))?.reshape((b * oh * ow, p.row_len()))
-    }
-
-    fn forward(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        let p = self.patches(x, weight)?;
-        let (b, c_out) = (x.dim(0)?, weight.dim(0)?);
-        let (oh, ow) = p.out_hw();
-        let y = self.cols(x, &p)?.matmul(&weight.reshape((c_out, p.row_len()))?.t()?)?;
-        y.reshape((b, oh * ow, c_out))?.transpose(1, 2)?.contiguous()?.reshape((b, c_out, oh, ow))
-    }
-}
-
-fn cpu_tensor(storage: &CpuStorage, layout: &Layout, op: &str) -> Result<Tensor> {
-    Tensor::from_slice(f32_slice(storage, layout, op)?, layout.shape(), &candle_core::Device::Cpu)
-}
-
-impl CustomOp2 for ConvOp {
+impl CustomOp2 for Conv {
     fn name(&self) -> &'static str {
         "conv2d-im2col"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = self.forward(&cpu_tensor(s1, l1, "conv2d")?, &cpu_tensor(s2, l2, "conv2d")?)?;
-        let shape = y.shape().clone();
-        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+        let p = self.0;
+        let (x, weight) = (f32_slice(s1, l1, "conv2d")?, f32_slice(s2, l2, "conv2d")?);
+        let (b, c_out) = (l1.dims()[0], l2.dims()[0]);
+        let (oh, ow) = p.out_hw();
+        let mut y = vec![0f32; b * c_out * oh * ow];
+        convolve(p, x, weight, c_out, &mut y);
+        Ok((CpuStorage::F32(y), Shape::from((b, c_out, oh, ow))))
     }
 
-    /// `∂W = gᵀ · cols(x)`, `∂x = col2im(g · W)`, with `g` the output gradient as
-    /// `[B·Ho·Wo, C_out]`: two GEMMs, built from differentiable ops.
     fn bwd(
         &self,
         x: &Tensor,
@@ -204,19 +227,99 @@ impl CustomOp2 for ConvOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let p = self.patches(x, weight)?;
-        let (b, c, h, w) = x.dims4()?;
-        let c_out = weight.dim(0)?;
+        Ok((Some(apply(grad, weight, GradInput(self.0))?), Some(apply(x, grad, GradWeight(self.0))?)))
+    }
+}
+
+impl GradInput {
+    /// For stride 1 the input gradient is itself a convolution: of `g` with the kernel flipped
+    /// and its channel axes swapped, padded by `d·(k − 1) − padding`, same dilation.
+    fn as_convolution(&self, c_out: usize) -> Option<Patches> {
+        let p = self.0;
+        let padding = (p.dilation * (p.kernel - 1)).checked_sub(p.padding)?;
         let (oh, ow) = p.out_hw();
-        let g = grad.permute((0, 2, 3, 1))?.reshape((b * oh * ow, c_out))?;
-        let grad_w = g.t()?.matmul(&self.cols(x, &p)?)?.reshape(weight.shape())?;
-        let grad_cols = g.matmul(&weight.reshape((c_out, p.row_len()))?)?;
-        let grad_x = if p.kernel == 1 && p.stride == 1 && p.padding == 0 {
-            grad_cols.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?
+        (p.stride == 1).then_some(Patches { channels: c_out, h: oh, w: ow, padding, ..p })
+    }
+}
+
+impl CustomOp2 for GradInput {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col-grad-input"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let p = self.0;
+        let (grad, weight) = (f32_slice(s1, l1, "conv2d grad")?, f32_slice(s2, l2, "conv2d grad")?);
+        let (b, c_out) = (l1.dims()[0], l2.dims()[0]);
+        let (oh, ow) = p.out_hw();
+        let (k, image_len) = (p.kernel, p.channels * p.h * p.w);
+        let mut dx = vec![0f32; b * image_len];
+        if let Some(flipped) = self.as_convolution(c_out) {
+            // [C, C_out, k, k], flipped in both spatial axes.
+            let mut w_t = vec![0f32; weight.len()];
+            for (i, v) in weight.iter().enumerate() {
+                let (o, c, ky, kx) = (i / (p.channels * k * k), i / (k * k) % p.channels, i / k % k, i % k);
+                w_t[((c * c_out + o) * k + (k - 1 - ky)) * k + (k - 1 - kx)] = *v;
+            }
+            convolve(flipped, grad, &w_t, p.channels, &mut dx);
         } else {
-            grad_cols.reshape((b, oh * ow, p.row_len()))?.apply_op1(Col2Im(p))?
-        };
-        Ok((Some(grad_x), Some(grad_w)))
+            let mut cols = vec![0f32; p.rows() * oh * ow];
+            let w_t = Mat::columns(weight, p.rows());
+            for (g, image) in grad.chunks_exact(c_out * oh * ow).zip(dx.chunks_exact_mut(image_len)) {
+                sgemm(p.rows(), oh * ow, c_out, &w_t, &Mat::columns(g, oh * ow), &mut cols, oh * ow, false);
+                p.col2im(&cols, image);
+            }
+        }
+        Ok((CpuStorage::F32(dx), Shape::from((b, p.channels, p.h, p.w))))
+    }
+
+    /// `⟨col2im(Wᵀ·g), r⟩`: `∂g = conv(r, W)`, `∂W = g · cols(r)ᵀ`.
+    fn bwd(
+        &self,
+        grad: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        r: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(apply(r, weight, Conv(self.0))?), Some(apply(r, grad, GradWeight(self.0))?)))
+    }
+}
+
+impl CustomOp2 for GradWeight {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col-grad-weight"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let p = self.0;
+        let (x, grad) = (f32_slice(s1, l1, "conv2d grad")?, f32_slice(s2, l2, "conv2d grad")?);
+        let c_out = l2.dims()[1];
+        let (oh, ow) = p.out_hw();
+        // As `∂Wᵀ = cols · gᵀ`: both operands run along the depth Ho·Wo, the patches are packed
+        // across taps (straight from the image) and `g` is C·k·k times smaller than they are.
+        let mut dw_t = vec![0f32; p.rows() * c_out];
+        let images = x.chunks_exact(p.channels * p.h * p.w).zip(grad.chunks_exact(c_out * oh * ow));
+        for (n, (image, g)) in images.enumerate() {
+            let g = Mat::rows(g, oh * ow);
+            if p.is_pointwise() {
+                sgemm(p.rows(), c_out, oh * ow, &Mat::rows(image, oh * ow), &g, &mut dw_t, c_out, n > 0);
+            } else {
+                let cols = Taps { p, image, taps_are_lines: true };
+                sgemm(p.rows(), c_out, oh * ow, &cols, &g, &mut dw_t, c_out, n > 0);
+            }
+        }
+        let mut dw = vec![0f32; c_out * p.rows()];
+        for (o, row) in dw.chunks_exact_mut(p.rows()).enumerate() {
+            for (r, v) in row.iter_mut().enumerate() {
+                *v = dw_t[r * c_out + o];
+            }
+        }
+        Ok((CpuStorage::F32(dw), Shape::from((c_out, p.channels, p.kernel, p.kernel))))
+    }
+
+    /// `⟨g·cols(x)ᵀ, R⟩`: `∂x = col2im(Rᵀ·g)`, `∂g = conv(x, R)`.
+    fn bwd(&self, x: &Tensor, grad: &Tensor, _res: &Tensor, r: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(apply(grad, r, GradInput(self.0))?), Some(apply(x, r, Conv(self.0))?)))
     }
 }
 
@@ -243,6 +346,8 @@ mod tests {
             (3, 2, 7, 2, 3, 1, 14, 14),
             (2, 3, 3, 1, 2, 2, 9, 11),
             (2, 3, 3, 1, 4, 4, 9, 9),
+            // Several depth blocks, panels and a threaded split of the products.
+            (40, 24, 3, 1, 1, 1, 20, 21),
         ];
         for (i, &(c, c_out, k, s, p, d, h, w)) in cases.iter().enumerate() {
             let x = Var::from_tensor(&Tensor::from_vec(values(2 * c * h * w, i), (2, c, h, w), &dev)?)?;
@@ -259,6 +364,51 @@ mod tests {
             for (name, v) in [("x", &x), ("w", &wt)] {
                 let diff = max_diff(g_ours.get(v).expect("ours"), g_theirs.get(v).expect("theirs"))?;
                 assert!(diff < 1e-3, "case {i}: gradient of {name} differs by {diff}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Second derivatives (what the WGAN-GP penalty differentiates): for `L = ⟨conv(x, W), r⟩`,
+    /// the gradient of `⟨∂L/∂x, s⟩` with respect to `W` and `r`, and of `⟨∂L/∂W, S⟩` with
+    /// respect to `x` and `r`, equal the first-order quantities of Candle's convolution they
+    /// amount to (all maps are bilinear).
+    #[test]
+    fn second_derivatives_equal_candles_first_order_ones() -> Result<()> {
+        let dev = Device::Cpu;
+        for (i, &(c, c_out, k, s, p, d, h, w)) in
+            [(3, 4, 3, 2, 1, 1, 10, 12), (2, 3, 1, 1, 0, 1, 5, 6), (2, 2, 3, 1, 2, 2, 9, 9)].iter().enumerate()
+        {
+            let var = |n: usize, salt: usize, shape: &[usize]| {
+                Var::from_tensor(&Tensor::from_vec(values(n, salt), shape, &dev)?)
+            };
+            let x = var(2 * c * h * w, i, &[2, c, h, w])?;
+            let wt = var(c_out * c * k * k, i + 10, &[c_out, c, k, k])?;
+            let (oh, ow) = Patches { kernel: k, stride: s, padding: p, dilation: d, channels: c, h, w }.out_hw();
+            let r = var(2 * c_out * oh * ow, i + 20, &[2, c_out, oh, ow])?;
+            let probe_x = Tensor::from_vec(values(2 * c * h * w, i + 30), (2, c, h, w), &dev)?;
+            let probe_w = Tensor::from_vec(values(c_out * c * k * k, i + 40), (c_out, c, k, k), &dev)?;
+            let first = (conv2d(&x, &wt, s, p, d)? * r.as_tensor())?.sum_all()?.backward()?;
+            let gx = first.get(&x).expect("∂x");
+            let gw = first.get(&wt).expect("∂W");
+            let of_gx = (gx * &probe_x)?.sum_all()?.backward()?;
+            let of_gw = (gw * &probe_w)?.sum_all()?.backward()?;
+            // Candle's first-order answers: ⟨∂L/∂x, s⟩ = ⟨conv(s, W), r⟩ and ⟨∂L/∂W, S⟩ = ⟨conv(x, S), r⟩.
+            let px = Var::from_tensor(&probe_x)?;
+            let pw = Var::from_tensor(&probe_w)?;
+            let ref_gx = (px.conv2d(&wt, p, s, d, 1)? * r.as_tensor())?.sum_all()?.backward()?;
+            let ref_gw = (x.conv2d(&pw, p, s, d, 1)? * r.as_tensor())?.sum_all()?.backward()?;
+            let max_diff =
+                |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>() };
+            let checks = [
+                ("d<gx,s>/dW", of_gx.get(&wt), ref_gx.get(&wt).cloned()),
+                ("d<gx,s>/dr", of_gx.get(&r), Some(px.conv2d(&wt, p, s, d, 1)?)),
+                ("d<gW,S>/dx", of_gw.get(&x), ref_gw.get(&x).cloned()),
+                ("d<gW,S>/dr", of_gw.get(&r), Some(x.conv2d(&pw, p, s, d, 1)?)),
+            ];
+            for (name, ours, theirs) in checks {
+                let diff = max_diff(ours.expect(name), &theirs.expect(name))?;
+                assert!(diff < 1e-3, "case {i}: {name} differs by {diff}");
             }
         }
         Ok(())

@@ -2,6 +2,7 @@
 //! differentiable Candle ops; see DESIGN.md §4 and `ARCHITECTURE.md`).
 
 pub mod attention;
+pub mod batch_norm;
 pub mod conv;
 pub mod double_backward;
 pub mod dropout;
@@ -10,6 +11,7 @@ pub mod init;
 pub mod pool;
 pub mod resize;
 pub mod rng;
+pub mod sgemm;
 pub mod spectral_norm;
 
 pub use attention::SelfAttention;

@@ -13,16 +13,17 @@
 //! `head`, `dsn.{0,1,3}` — those of the released checkpoints.
 
 use candle_core::{Module, ModuleT, Result, Tensor};
-use candle_nn::{BatchNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::backbone::{ResNet, ResNetConfig, ResNetFeatures};
 use crate::distill::DenseOutputs;
-use crate::nn::conv::{Conv, ConvSpec, batch_norm};
+use crate::nn::batch_norm::{Activation, BatchNorm};
+use crate::nn::conv::{Conv, ConvSpec};
 use crate::nn::{Dropout2d, adaptive_avg_pool2d, resize_bilinear};
 
 /// The slope of the LeakyReLU that InPlace-ABN applies in the PSP and DSN heads.
-const HEAD_SLOPE: f64 = 0.01;
+const HEAD_SLOPE: f32 = 0.01;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -159,7 +160,7 @@ impl PyramidPooling {
                 Ok(PyramidStage {
                     bin,
                     conv: Conv::new(ConvSpec::new(c_in, c_out, 1), false, vb.pp("1"))?,
-                    bn: batch_norm(c_out, vb.pp("2"))?,
+                    bn: BatchNorm::new(c_out, vb.pp("2"))?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -168,7 +169,7 @@ impl PyramidPooling {
         Ok(Self {
             stages,
             bottleneck_conv: Conv::new(ConvSpec::new(cat, c_out, 3).padding(1), false, vb.pp("0"))?,
-            bottleneck_bn: batch_norm(c_out, vb.pp("1"))?,
+            bottleneck_bn: BatchNorm::new(c_out, vb.pp("1"))?,
             dropout: Dropout2d::new(dropout, 0)?,
         })
     }
@@ -185,14 +186,18 @@ impl ModuleT for PyramidPooling {
         let mut branches = Vec::with_capacity(self.stages.len() + 1);
         for s in &self.stages {
             let p = s.conv.forward(&adaptive_avg_pool2d(x, (s.bin, s.bin))?)?;
-            let p = candle_nn::ops::leaky_relu(&s.bn.forward_t(&p, train)?, HEAD_SLOPE)?;
+            let p = s.bn.forward_act(&p, train, Activation::LeakyRelu(HEAD_SLOPE))?;
             branches.push(resize_bilinear(&p, (h, w), true)?);
         }
         branches.push(x.clone());
         // [B, C + n·O, H, W]
         let cat = Tensor::cat(&branches, 1)?;
-        let y = self.bottleneck_bn.forward_t(&self.bottleneck_conv.forward(&cat)?, train)?;
-        self.dropout.forward_t(&candle_nn::ops::leaky_relu(&y, HEAD_SLOPE)?, train)
+        let y = self.bottleneck_bn.forward_act(
+            &self.bottleneck_conv.forward(&cat)?,
+            train,
+            Activation::LeakyRelu(HEAD_SLOPE),
+        )?;
+        self.dropout.forward_t(&y, train)
     }
 }
 
@@ -209,7 +214,7 @@ impl DsnHead {
     fn new(c_in: usize, mid: usize, classes: usize, dropout: f64, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             conv: Conv::new(ConvSpec::new(c_in, mid, 3).padding(1), true, vb.pp("0"))?,
-            bn: batch_norm(mid, vb.pp("1"))?,
+            bn: BatchNorm::new(mid, vb.pp("1"))?,
             dropout: Dropout2d::new(dropout, 1)?,
             classifier: Conv::new(ConvSpec::new(mid, classes, 1), true, vb.pp("3"))?,
         })
@@ -218,7 +223,7 @@ impl DsnHead {
 
 impl ModuleT for DsnHead {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = candle_nn::ops::leaky_relu(&self.bn.forward_t(&self.conv.forward(x)?, train)?, HEAD_SLOPE)?;
+        let y = self.bn.forward_act(&self.conv.forward(x)?, train, Activation::LeakyRelu(HEAD_SLOPE))?;
         self.classifier.forward(&self.dropout.forward_t(&y, train)?)
     }
 }

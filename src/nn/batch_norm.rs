@@ -1,0 +1,361 @@
+//! `nn.BatchNorm2d` with the activation that follows it fused, for the CPU.
+//!
+//! Candle's training-mode BatchNorm is about ten element-wise passes forward (a transposed copy,
+//! two means, subtract, square, divide, scale, shift, a transpose back that the next convolution
+//! copies again) and more backward; on the ResNets it cost as much as the convolutions. Here a
+//! normalisation is two passes over the map each way: per-channel statistics, then the
+//! normalised, scaled, shifted and activated output; backward, per-channel sums of the gradient,
+//! then the input gradient. Elsewhere (CUDA, other dtypes) Candle's own BatchNorm runs. The
+//! fused backward is first-order only: a network differentiated twice (the critic) uses Candle's.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, ModuleT, Result, Shape, Tensor, Var};
+use candle_nn::{BatchNormConfig, VarBuilder};
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+/// What follows the normalisation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    Identity,
+    Relu,
+    /// `max(z, 0) + slope · min(z, 0)` with `slope > 0`.
+    LeakyRelu(f32),
+}
+
+impl Activation {
+    fn apply(self, z: f32) -> f32 {
+        match self {
+            Self::Identity => z,
+            Self::Relu => z.max(0.0),
+            Self::LeakyRelu(slope) => {
+                if z > 0.0 {
+                    z
+                } else {
+                    slope * z
+                }
+            }
+        }
+    }
+
+    /// The derivative at the pre-activation whose output is `y` (both activations keep the
+    /// sign, so `y` tells the side).
+    fn derivative_at_output(self, y: f32) -> f32 {
+        match self {
+            Self::Identity => 1.0,
+            Self::Relu => (y > 0.0) as u8 as f32,
+            Self::LeakyRelu(slope) => {
+                if y > 0.0 {
+                    1.0
+                } else {
+                    slope
+                }
+            }
+        }
+    }
+
+    fn on_tensor(self, z: Tensor) -> Result<Tensor> {
+        match self {
+            Self::Identity => Ok(z),
+            Self::Relu => z.relu(),
+            Self::LeakyRelu(slope) => candle_nn::ops::leaky_relu(&z, slope as f64),
+        }
+    }
+}
+
+/// `nn.BatchNorm2d`'s defaults: eps 1e-5, momentum 0.1, affine.
+pub fn pytorch_config() -> BatchNormConfig {
+    BatchNormConfig { eps: 1e-5, remove_mean: true, affine: true, momentum: 0.1 }
+}
+
+/// `nn.BatchNorm2d(channels)` ([`pytorch_config`]); keys `weight`, `bias`,
+/// `running_mean`, `running_var`. Training mode normalises with the batch's statistics (biased
+/// variance) and moves the running ones towards them (unbiased variance), as PyTorch does.
+#[derive(Debug, Clone)]
+pub struct BatchNorm {
+    inner: candle_nn::BatchNorm,
+    running_mean: Var,
+    running_var: Var,
+}
+
+impl BatchNorm {
+    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+        let inner = candle_nn::batch_norm(channels, pytorch_config(), vb)?;
+        // The running statistics are variables of the VarMap: these share their storage.
+        let running_mean = Var::from_tensor(inner.running_mean())?;
+        let running_var = Var::from_tensor(inner.running_var())?;
+        Ok(Self { inner, running_mean, running_var })
+    }
+
+    /// `act(BN(x))` for `x` `[B, C, H, W]`.
+    pub fn forward_act(&self, x: &Tensor, train: bool, act: Activation) -> Result<Tensor> {
+        if !(x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 4) {
+            return act.on_tensor(self.inner.forward_t(x, train)?);
+        }
+        let (weight, bias) = self.inner.weight_and_bias().expect("affine");
+        let stats = if train {
+            ChannelStats::default()
+        } else {
+            let mean = self.running_mean.as_tensor().to_vec1::<f32>()?;
+            let var = self.running_var.as_tensor().to_vec1::<f32>()?;
+            let eps = self.inner.eps() as f32;
+            ChannelStats { mean, invstd: var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect(), var }
+        };
+        let op = Normalize { batch_stats: train, eps: self.inner.eps(), act, stats: Arc::new(Mutex::new(stats)) };
+        let stats = op.stats.clone();
+        let y = x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
+        if train {
+            let s = stats.lock().expect("statistics");
+            let (b, _, h, w) = x.dims4()?;
+            let n = (b * h * w) as f64;
+            let m = self.inner.momentum();
+            let dev = x.device();
+            let mean = Tensor::from_slice(&s.mean, s.mean.len(), dev)?;
+            let var = Tensor::from_slice(&s.var, s.var.len(), dev)?;
+            self.running_mean.set(&((self.running_mean.as_tensor() * (1.0 - m))? + (mean * m)?)?)?;
+            let unbiased = m * n / (n - 1.0).max(1.0);
+            self.running_var.set(&((self.running_var.as_tensor() * (1.0 - m))? + (var * unbiased)?)?)?;
+        }
+        Ok(y)
+    }
+}
+
+impl ModuleT for BatchNorm {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_act(x, train, Activation::Identity)
+    }
+}
+
+/// Per-channel mean, `1/√(var + eps)` and (biased) variance.
+#[derive(Debug, Default, Clone)]
+struct ChannelStats {
+    mean: Vec<f32>,
+    invstd: Vec<f32>,
+    var: Vec<f32>,
+}
+
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else { candle_core::bail!("batch-norm: f32 only") };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("batch-norm: needs a contiguous input")
+    };
+    Ok(&data[start..end])
+}
+
+/// The `(image, channel)` planes of channel `c` in a contiguous `[B, C, H·W]` map.
+fn planes(x: &[f32], channels: usize, plane: usize, c: usize) -> impl Iterator<Item = &[f32]> {
+    x.chunks_exact(plane).skip(c).step_by(channels)
+}
+
+/// `(x, γ, β) -> act(γ · (x − μ) / σ + β)`, with `μ, σ` the batch's (computed here and left in
+/// `stats`) or given in `stats`.
+#[derive(Debug)]
+struct Normalize {
+    batch_stats: bool,
+    eps: f64,
+    act: Activation,
+    stats: Arc<Mutex<ChannelStats>>,
+}
+
+impl CustomOp3 for Normalize {
+    fn name(&self) -> &'static str {
+        "batch-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, weight, bias) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        let &[b, c, h, w] = l1.dims() else {
+            candle_core::bail!("batch-norm: expects [B, C, H, W], got {:?}", l1.dims())
+        };
+        let plane = h * w;
+        let mut stats = self.stats.lock().expect("statistics");
+        if self.batch_stats {
+            let n = (b * plane) as f64;
+            let (mean, var): (Vec<f32>, Vec<f32>) = (0..c)
+                .into_par_iter()
+                .map(|ch| {
+                    let mean = planes(x, c, plane, ch).flatten().map(|&v| v as f64).sum::<f64>() / n;
+                    let var = planes(x, c, plane, ch).flatten().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+                    (mean as f32, var as f32)
+                })
+                .unzip();
+            let invstd = var.iter().map(|&v| (1.0 / (v as f64 + self.eps).sqrt()) as f32).collect();
+            *stats = ChannelStats { mean, invstd, var };
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(|(i, (dst, src))| {
+            let ch = i % c;
+            let scale = weight[ch] * stats.invstd[ch];
+            let shift = bias[ch] - stats.mean[ch] * scale;
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = self.act.apply(v * scale + shift);
+            }
+        });
+        Ok((CpuStorage::F32(y), Shape::from(l1.dims())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let stats = self.stats.lock().expect("statistics").clone();
+        let op = NormalizeGrad {
+            batch_stats: self.batch_stats,
+            act: self.act,
+            weight: weight.to_vec1::<f32>()?,
+            stats,
+            sums: Arc::new(Mutex::new(GradSums::default())),
+        };
+        let sums = op.sums.clone();
+        let dx = x.contiguous()?.apply_op3_no_bwd(&y.contiguous()?, &grad.contiguous()?, &op)?;
+        let s = sums.lock().expect("sums");
+        let dev = x.device();
+        let dw = Tensor::from_slice(&s.grad_x_hat, s.grad_x_hat.len(), dev)?;
+        let db = Tensor::from_slice(&s.grad, s.grad.len(), dev)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// Per channel: `Σ g` (the shift's gradient) and `Σ g · x̂` (the scale's), `g` the gradient
+/// before the activation.
+#[derive(Debug, Default)]
+struct GradSums {
+    grad: Vec<f32>,
+    grad_x_hat: Vec<f32>,
+}
+
+/// `(x, y, ∂y) -> ∂x`, leaving the parameters' gradients in `sums`.
+#[derive(Debug)]
+struct NormalizeGrad {
+    batch_stats: bool,
+    act: Activation,
+    weight: Vec<f32>,
+    stats: ChannelStats,
+    sums: Arc<Mutex<GradSums>>,
+}
+
+impl CustomOp3 for NormalizeGrad {
+    fn name(&self) -> &'static str {
+        "batch-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, y, grad) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        let &[b, c, h, w] = l1.dims() else {
+            candle_core::bail!("batch-norm: expects [B, C, H, W], got {:?}", l1.dims())
+        };
+        let plane = h * w;
+        let ChannelStats { mean, invstd, .. } = &self.stats;
+        let (sum_g, sum_gx): (Vec<f32>, Vec<f32>) = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (mut g_sum, mut gx_sum) = (0f64, 0f64);
+                let triples = planes(x, c, plane, ch).zip(planes(y, c, plane, ch)).zip(planes(grad, c, plane, ch));
+                for ((xs, ys), gs) in triples {
+                    for ((&xv, &yv), &gv) in xs.iter().zip(ys).zip(gs) {
+                        let g = gv * self.act.derivative_at_output(yv);
+                        g_sum += g as f64;
+                        gx_sum += (g * (xv - mean[ch]) * invstd[ch]) as f64;
+                    }
+                }
+                (g_sum as f32, gx_sum as f32)
+            })
+            .unzip();
+        let n = (b * plane) as f32;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(plane).enumerate().for_each(|(i, dst)| {
+            let ch = i % c;
+            let (xs, ys, gs) = (&x[i * plane..][..plane], &y[i * plane..][..plane], &grad[i * plane..][..plane]);
+            let scale = self.weight[ch] * invstd[ch];
+            // Training mode: the batch mean and variance depend on x too.
+            let (g_mean, gx_mean) = if self.batch_stats { (sum_g[ch] / n, sum_gx[ch] / n) } else { (0.0, 0.0) };
+            for (((d, &xv), &yv), &gv) in dst.iter_mut().zip(xs).zip(ys).zip(gs) {
+                let g = gv * self.act.derivative_at_output(yv);
+                let x_hat = (xv - mean[ch]) * invstd[ch];
+                *d = scale * (g - g_mean - x_hat * gx_mean);
+            }
+        });
+        *self.sums.lock().expect("sums") = GradSums { grad: sum_g, grad_x_hat: sum_gx };
+        Ok((CpuStorage::F32(dx), Shape::from(l1.dims())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    /// Forward, every gradient and the running statistics equal Candle's BatchNorm followed by
+    /// the activation, in both modes.
+    #[test]
+    fn equals_candles_batch_norm_and_activation() -> Result<()> {
+        let dev = Device::Cpu;
+        for act in [Activation::Identity, Activation::Relu, Activation::LeakyRelu(0.01)] {
+            for train in [true, false] {
+                let vm = VarMap::new();
+                let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+                let ours = BatchNorm::new(3, vb.clone())?;
+                let theirs = candle_nn::batch_norm(3, pytorch_config(), vb)?;
+                // Non-trivial parameters and statistics.
+                for (name, values) in [
+                    ("weight", [0.5f32, -1.5, 2.0]),
+                    ("bias", [0.1, 0.2, -0.3]),
+                    ("running_mean", [0.3, -0.2, 0.1]),
+                    ("running_var", [0.5, 2.0, 1.5]),
+                ] {
+                    vm.data().lock().unwrap()[name].set(&Tensor::new(&values, &dev)?)?;
+                }
+                let values: Vec<f32> = (0..2 * 3 * 4 * 5).map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0).collect();
+                let x = Var::from_tensor(&Tensor::from_vec(values, (2, 3, 4, 5), &dev)?)?;
+                let r = Tensor::arange(0f32, 120.0, &dev)?.reshape((2, 3, 4, 5))?.affine(0.05, -2.0)?.sin()?;
+                let theirs_y = act.on_tensor(theirs.forward_t(&x, train)?)?;
+                let stats_theirs = (theirs.running_mean().to_vec1::<f32>()?, theirs.running_var().to_vec1::<f32>()?);
+                // Both share the VarMap's statistics: put them back before ours runs.
+                vm.data().lock().unwrap()["running_mean"].set(&Tensor::new(&[0.3f32, -0.2, 0.1], &dev)?)?;
+                vm.data().lock().unwrap()["running_var"].set(&Tensor::new(&[0.5f32, 2.0, 1.5], &dev)?)?;
+                let ours_y = ours.forward_act(&x, train, act)?;
+                let stats_ours =
+                    (ours.running_mean.as_tensor().to_vec1::<f32>()?, ours.running_var.as_tensor().to_vec1::<f32>()?);
+                let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+                    (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+                };
+                assert!(max_diff(&ours_y, &theirs_y)? < 1e-5, "{act:?} train {train}: forward");
+                for (a, b) in stats_ours.0.iter().chain(&stats_ours.1).zip(stats_theirs.0.iter().chain(&stats_theirs.1))
+                {
+                    assert!(
+                        (a - b).abs() < 1e-5,
+                        "{act:?} train {train}: running statistics {stats_ours:?} vs {stats_theirs:?}"
+                    );
+                }
+                let g_ours = (&ours_y * &r)?.sum_all()?.backward()?;
+                let g_theirs = (&theirs_y * &r)?.sum_all()?.backward()?;
+                let (w, b) = ours.inner.weight_and_bias().expect("affine");
+                for (name, t) in [("x", x.as_tensor()), ("weight", w), ("bias", b)] {
+                    let diff = max_diff(g_ours.get(t).expect("ours"), g_theirs.get(t).expect("theirs"))?;
+                    assert!(diff < 1e-4, "{act:?} train {train}: gradient of {name} differs by {diff}");
+                }
+            }
+        }
+        Ok(())
+    }
+}
