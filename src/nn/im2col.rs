@@ -11,6 +11,7 @@
 use super::sgemm::{Lines, Mat, sgemm};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::borrow::Cow;
 
 /// Geometry of a square-kernel convolution's patches, for a `[B, C, H, W]` input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,12 +81,12 @@ impl Patches {
     }
 }
 
-/// One image's patch matrix (`[C·k·k, Ho·Wo]`: tap `(c, ky, kx)` by output position
-/// `(oy, ox)`, 0 in the padding) as a GEMM operand, packed straight from the image. Its lines
-/// are the output positions (the forward's B) or the taps (the weight gradient's A).
+/// A batch's patch matrix (`[C·k·k, B·Ho·Wo]`: tap `(c, ky, kx)` by output position
+/// `(n, oy, ox)`, 0 in the padding) as a GEMM operand, packed straight from the images. Its
+/// lines are the output positions (the forward's B) or the taps (the weight gradient's A).
 struct Taps<'a> {
     p: Patches,
-    image: &'a [f32],
+    images: &'a [f32],
     taps_are_lines: bool,
 }
 
@@ -95,36 +96,58 @@ impl Taps<'_> {
         let p = &self.p;
         let (k, (oh, ow)) = (p.kernel, p.out_hw());
         let (c, ky, kx) = (tap / (k * k), tap / k % k, tap % k);
-        let plane = &self.image[c * p.h * p.w..][..p.h * p.w];
         let (y_lo, y_hi, y0) = p.span(ky, p.h, oh);
         let (x_lo, x_hi, x0) = p.span(kx, p.w, ow);
+        let mut out = Strided { dst, stride };
         let (mut pos, end, mut q) = (pos0, pos0 + len, 0);
         while pos < end {
-            let (oy, ox_start) = (pos / ow, pos % ow);
-            let ox_end = ow.min(ox_start + end - pos);
-            let run = ox_end - ox_start;
-            if (y_lo..y_hi).contains(&oy) {
-                let row = &plane[p.at(y0, oy) * p.w..][..p.w];
+            let (n, r) = (pos / (oh * ow), pos % (oh * ow));
+            let plane = &self.images[(n * p.channels + c) * p.h * p.w..][..p.h * p.w];
+            // A plain 1x1 convolution reads the plane as it lies, across rows.
+            let run = if p.is_pointwise() { (oh * ow - r).min(end - pos) } else { (ow - r % ow).min(end - pos) };
+            if p.is_pointwise() {
+                out.copy(q, &plane[r..r + run]);
+            } else if (y_lo..y_hi).contains(&(r / ow)) {
+                let row = &plane[p.at(y0, r / ow) * p.w..][..p.w];
+                let (ox_start, ox_end) = (r % ow, r % ow + run);
                 let lo = x_lo.clamp(ox_start, ox_end);
                 let hi = x_hi.clamp(lo, ox_end);
-                for i in (ox_start..lo).chain(hi..ox_end) {
-                    dst[(q + i - ox_start) * stride] = 0.0;
-                }
-                if stride == 1 && p.stride == 1 && hi > lo {
-                    let (from, to) = (q + lo - ox_start, q + hi - ox_start);
-                    dst[from..to].copy_from_slice(&row[p.at(x0, lo)..][..hi - lo]);
+                out.zero(q, lo - ox_start);
+                out.zero(q + hi - ox_start, ox_end - hi);
+                if p.stride == 1 && hi > lo {
+                    out.copy(q + lo - ox_start, &row[p.at(x0, lo)..][..hi - lo]);
                 } else {
-                    for ox in lo..hi {
-                        dst[(q + ox - ox_start) * stride] = row[p.at(x0, ox)];
-                    }
+                    (lo..hi).for_each(|ox| out.dst[(q + ox - ox_start) * stride] = row[p.at(x0, ox)]);
                 }
             } else {
-                for i in 0..run {
-                    dst[(q + i) * stride] = 0.0;
-                }
+                out.zero(q, run);
             }
             pos += run;
             q += run;
+        }
+    }
+}
+
+/// A destination written every `stride` entries (contiguously, as slices, for stride 1).
+struct Strided<'a> {
+    dst: &'a mut [f32],
+    stride: usize,
+}
+
+impl Strided<'_> {
+    fn copy(&mut self, q: usize, src: &[f32]) {
+        if self.stride == 1 {
+            self.dst[q..q + src.len()].copy_from_slice(src);
+        } else {
+            src.iter().enumerate().for_each(|(i, &v)| self.dst[(q + i) * self.stride] = v);
+        }
+    }
+
+    fn zero(&mut self, q: usize, len: usize) {
+        if self.stride == 1 {
+            self.dst[q..q + len].fill(0.0);
+        } else {
+            (q..q + len).for_each(|i| self.dst[i * self.stride] = 0.0);
         }
     }
 }
@@ -154,20 +177,22 @@ impl Lines for Taps<'_> {
     }
 }
 
-/// `y = W · cols(x)` for each image of `x` `[B, C, H, W]`, `weight` `[C_out, C·k·k]`, into `y`
-/// `[B, C_out, Ho·Wo]`.
-fn convolve(p: Patches, x: &[f32], weight: &[f32], c_out: usize, y: &mut [f32]) {
+/// `[B, R, S]` -> `[R, B·S]`: the batch's maps side by side (or back, with `b` and `r` swapped).
+fn batch_side_by_side(x: &[f32], b: usize, r: usize, s: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(s).enumerate().for_each(|(i, dst)| dst.copy_from_slice(&x[(i % b * r + i / b) * s..][..s]));
+    out
+}
+
+/// `y = W · cols(x)` for a batch `x` `[B, C, H, W]` and `weight` `[C_out, C·k·k]`: one product
+/// over the whole batch (`[C_out, B·Ho·Wo]`), into `y` `[B, C_out, Ho, Wo]`.
+fn convolve(p: Patches, x: &[f32], weight: &[f32], c_out: usize) -> Vec<f32> {
     let (oh, ow) = p.out_hw();
-    let w = Mat::rows(weight, p.rows());
-    let images = x.chunks_exact(p.channels * p.h * p.w).zip(y.chunks_exact_mut(c_out * oh * ow));
-    for (image, out) in images {
-        if p.is_pointwise() {
-            sgemm(c_out, oh * ow, p.rows(), &w, &Mat::columns(image, oh * ow), out, oh * ow, false);
-        } else {
-            let cols = Taps { p, image, taps_are_lines: false };
-            sgemm(c_out, oh * ow, p.rows(), &w, &cols, out, oh * ow, false);
-        }
-    }
+    let b = x.len() / (p.channels * p.h * p.w);
+    let cols = Taps { p, images: x, taps_are_lines: false };
+    let mut y = vec![0f32; c_out * b * oh * ow];
+    sgemm(c_out, b * oh * ow, p.rows(), &Mat::rows(weight, p.rows()), &cols, &mut y, b * oh * ow, false);
+    if b == 1 { y } else { batch_side_by_side(&y, c_out, b, oh * ow) }
 }
 
 fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -205,6 +230,12 @@ fn apply(a: &Tensor, b: &Tensor, op: impl CustomOp2 + Send + Sync + 'static) -> 
     a.contiguous()?.apply_op2(&b.contiguous()?, op)
 }
 
+/// A gradient for `arg` only where the graph needs one: the image a network starts from and
+/// frozen weights get none (the stem's input gradient alone is a full convolution).
+fn needed(arg: &Tensor, gradient: impl FnOnce() -> Result<Tensor>) -> Result<Option<Tensor>> {
+    arg.track_op().then(gradient).transpose()
+}
+
 impl CustomOp2 for Conv {
     fn name(&self) -> &'static str {
         "conv2d-im2col"
@@ -215,9 +246,7 @@ impl CustomOp2 for Conv {
         let (x, weight) = (f32_slice(s1, l1, "conv2d")?, f32_slice(s2, l2, "conv2d")?);
         let (b, c_out) = (l1.dims()[0], l2.dims()[0]);
         let (oh, ow) = p.out_hw();
-        let mut y = vec![0f32; b * c_out * oh * ow];
-        convolve(p, x, weight, c_out, &mut y);
-        Ok((CpuStorage::F32(y), Shape::from((b, c_out, oh, ow))))
+        Ok((CpuStorage::F32(convolve(p, x, weight, c_out)), Shape::from((b, c_out, oh, ow))))
     }
 
     fn bwd(
@@ -227,7 +256,7 @@ impl CustomOp2 for Conv {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(apply(grad, weight, GradInput(self.0))?), Some(apply(x, grad, GradWeight(self.0))?)))
+        Ok((needed(x, || apply(grad, weight, GradInput(self.0)))?, needed(weight, || apply(x, grad, GradWeight(self.0)))?))
     }
 }
 
@@ -253,23 +282,28 @@ impl CustomOp2 for GradInput {
         let (b, c_out) = (l1.dims()[0], l2.dims()[0]);
         let (oh, ow) = p.out_hw();
         let (k, image_len) = (p.kernel, p.channels * p.h * p.w);
-        let mut dx = vec![0f32; b * image_len];
-        if let Some(flipped) = self.as_convolution(c_out) {
+        let dx = if let Some(flipped) = self.as_convolution(c_out) {
             // [C, C_out, k, k], flipped in both spatial axes.
             let mut w_t = vec![0f32; weight.len()];
-            for (i, v) in weight.iter().enumerate() {
-                let (o, c, ky, kx) = (i / (p.channels * k * k), i / (k * k) % p.channels, i / k % k, i % k);
-                w_t[((c * c_out + o) * k + (k - 1 - ky)) * k + (k - 1 - kx)] = *v;
+            for (o, filters) in weight.chunks_exact(p.rows()).enumerate() {
+                for (c, filter) in filters.chunks_exact(k * k).enumerate() {
+                    let dst = &mut w_t[(c * c_out + o) * k * k..][..k * k];
+                    for (d, v) in dst.iter_mut().zip(filter.iter().rev()) {
+                        *d = *v;
+                    }
+                }
             }
-            convolve(flipped, grad, &w_t, p.channels, &mut dx);
+            convolve(flipped, grad, &w_t, p.channels)
         } else {
+            let mut dx = vec![0f32; b * image_len];
             let mut cols = vec![0f32; p.rows() * oh * ow];
             let w_t = Mat::columns(weight, p.rows());
             for (g, image) in grad.chunks_exact(c_out * oh * ow).zip(dx.chunks_exact_mut(image_len)) {
                 sgemm(p.rows(), oh * ow, c_out, &w_t, &Mat::columns(g, oh * ow), &mut cols, oh * ow, false);
                 p.col2im(&cols, image);
             }
-        }
+            dx
+        };
         Ok((CpuStorage::F32(dx), Shape::from((b, p.channels, p.h, p.w))))
     }
 
@@ -281,7 +315,7 @@ impl CustomOp2 for GradInput {
         _res: &Tensor,
         r: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(apply(r, weight, Conv(self.0))?), Some(apply(r, grad, GradWeight(self.0))?)))
+        Ok((needed(grad, || apply(r, weight, Conv(self.0)))?, needed(weight, || apply(r, grad, GradWeight(self.0)))?))
     }
 }
 
@@ -295,23 +329,23 @@ impl CustomOp2 for GradWeight {
         let (x, grad) = (f32_slice(s1, l1, "conv2d grad")?, f32_slice(s2, l2, "conv2d grad")?);
         let c_out = l2.dims()[1];
         let (oh, ow) = p.out_hw();
-        // As `∂Wᵀ = cols · gᵀ`: both operands run along the depth Ho·Wo, the patches are packed
-        // across taps (straight from the image) and `g` is C·k·k times smaller than they are.
+        // As `∂Wᵀ = cols · gᵀ` over the whole batch: both operands run along the depth B·Ho·Wo,
+        // the patches are packed across taps (straight from the images), `g` is C·k·k times
+        // smaller than they are, and C·k·k and C_out fill whole micro-tiles.
+        let b = x.len() / (p.channels * p.h * p.w);
+        let g = if b == 1 { Cow::Borrowed(grad) } else { Cow::Owned(batch_side_by_side(grad, b, c_out, oh * ow)) };
+        let cols = Taps { p, images: x, taps_are_lines: true };
         let mut dw_t = vec![0f32; p.rows() * c_out];
-        let images = x.chunks_exact(p.channels * p.h * p.w).zip(grad.chunks_exact(c_out * oh * ow));
-        for (n, (image, g)) in images.enumerate() {
-            let g = Mat::rows(g, oh * ow);
-            if p.is_pointwise() {
-                sgemm(p.rows(), c_out, oh * ow, &Mat::rows(image, oh * ow), &g, &mut dw_t, c_out, n > 0);
-            } else {
-                let cols = Taps { p, image, taps_are_lines: true };
-                sgemm(p.rows(), c_out, oh * ow, &cols, &g, &mut dw_t, c_out, n > 0);
-            }
-        }
+        sgemm(p.rows(), c_out, b * oh * ow, &cols, &Mat::rows(&g, b * oh * ow), &mut dw_t, c_out, false);
         let mut dw = vec![0f32; c_out * p.rows()];
-        for (o, row) in dw.chunks_exact_mut(p.rows()).enumerate() {
-            for (r, v) in row.iter_mut().enumerate() {
-                *v = dw_t[r * c_out + o];
+        // The transpose in 32x32 blocks, each read and written within the cache.
+        for r0 in (0..p.rows()).step_by(32) {
+            for o0 in (0..c_out).step_by(32) {
+                for r in r0..(r0 + 32).min(p.rows()) {
+                    for o in o0..(o0 + 32).min(c_out) {
+                        dw[o * p.rows() + r] = dw_t[r * c_out + o];
+                    }
+                }
             }
         }
         Ok((CpuStorage::F32(dw), Shape::from((c_out, p.channels, p.kernel, p.kernel))))
@@ -319,7 +353,7 @@ impl CustomOp2 for GradWeight {
 
     /// `⟨g·cols(x)ᵀ, R⟩`: `∂x = col2im(Rᵀ·g)`, `∂g = conv(x, R)`.
     fn bwd(&self, x: &Tensor, grad: &Tensor, _res: &Tensor, r: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(apply(grad, r, GradInput(self.0))?), Some(apply(x, r, Conv(self.0))?)))
+        Ok((needed(x, || apply(grad, r, GradInput(self.0)))?, needed(grad, || apply(x, r, Conv(self.0)))?))
     }
 }
 
@@ -367,6 +401,56 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    /// Packing the patches straight from the images equals cutting panels from the patch
+    /// matrix written out naively, for every start and length of the lines and depth, both
+    /// orientations, on geometries with padding, stride, dilation and a batch.
+    #[test]
+    fn taps_pack_like_the_patch_matrix() {
+        // (C, k, stride, padding, dilation, H, W), batch 2.
+        for (i, &(c, k, s, pad, d, h, w)) in
+            [(2, 3, 1, 1, 1, 5, 6), (2, 3, 2, 1, 1, 7, 6), (1, 3, 1, 2, 2, 5, 7), (3, 1, 1, 0, 1, 3, 4), (2, 1, 2, 0, 1, 5, 5)].iter().enumerate()
+        {
+            let p = Patches { kernel: k, stride: s, padding: pad, dilation: d, channels: c, h, w };
+            let (oh, ow) = p.out_hw();
+            let images = values(2 * c * h * w, i);
+            let positions = 2 * oh * ow;
+            let naive = |tap: usize, pos: usize| -> f32 {
+                let (ch, ky, kx) = (tap / (k * k), tap / k % k, tap % k);
+                let (n, oy, ox) = (pos / (oh * ow), pos / ow % oh, pos % ow);
+                let iy = (oy * s + ky * d) as isize - pad as isize;
+                let ix = (ox * s + kx * d) as isize - pad as isize;
+                let inside = (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix);
+                if inside { images[((n * c + ch) * h + iy as usize) * w + ix as usize] } else { 0.0 }
+            };
+            for taps_are_lines in [false, true] {
+                let taps = Taps { p, images: &images, taps_are_lines };
+                let (n_lines, depth) = if taps_are_lines { (p.rows(), positions) } else { (positions, p.rows()) };
+                for line0 in 0..n_lines {
+                    for lines in [1, 3, n_lines - line0] {
+                        let lines = lines.min(n_lines - line0);
+                        for (depth0, kc) in [(0, depth), (depth / 2, depth - depth / 2), (depth - 1, 1)] {
+                            let width = 4;
+                            let mut dst = vec![f32::NAN; lines.div_ceil(width) * width * kc];
+                            taps.pack(line0, lines, depth0, kc, width, &mut dst);
+                            for (j, &v) in dst.iter().enumerate() {
+                                let (panel, pp, l) = (j / (width * kc), j / width % kc, j % width);
+                                let line = panel * width + l;
+                                let want = if line >= lines {
+                                    0.0
+                                } else if taps_are_lines {
+                                    naive(line0 + line, depth0 + pp)
+                                } else {
+                                    naive(depth0 + pp, line0 + line)
+                                };
+                                assert_eq!(v, want, "case {i} taps_are_lines {taps_are_lines} line0 {line0} lines {lines} depth0 {depth0}: entry {j}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Second derivatives (what the WGAN-GP penalty differentiates): for `L = ⟨conv(x, W), r⟩`,

@@ -60,10 +60,11 @@ impl Lines for Mat<'_> {
                     row[..lines].copy_from_slice(&self.data[start..start + lines]);
                 }
             } else {
-                for l in 0..lines {
-                    let src = &self.data[(line0 + l) * self.ls + depth0 * self.ps..];
-                    for p in 0..kc {
-                        dst[p * width + l] = src[p * self.ps];
+                // A transpose: the panel is written in order, `lines` streams read along.
+                let base = line0 * self.ls + depth0 * self.ps;
+                for (p, row) in dst.chunks_exact_mut(width).enumerate() {
+                    for (l, v) in row[..lines].iter_mut().enumerate() {
+                        *v = self.data[base + l * self.ls + p * self.ps];
                     }
                 }
             }
