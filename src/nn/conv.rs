@@ -5,7 +5,7 @@
 //! `a = √5`); candle-nn's `conv2d` uses a Kaiming normal instead. Keys: `weight`, `bias`.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Init, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 
 /// PyTorch's default uniform bound for a layer with `fan_in` inputs.
 pub fn default_bound(fan_in: usize) -> f64 {
@@ -57,7 +57,8 @@ impl ConvSpec {
 
 #[derive(Debug, Clone)]
 pub struct Conv {
-    inner: Conv2d,
+    weight: Tensor,
+    bias: Option<Tensor>,
     spec: ConvSpec,
 }
 
@@ -73,14 +74,7 @@ impl Conv {
     pub fn with_init(spec: ConvSpec, weight: Init, bias: Option<Init>, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get_with_hints((spec.c_out, spec.c_in, spec.kernel, spec.kernel), "weight", weight)?;
         let bias = bias.map(|init| vb.get_with_hints(spec.c_out, "bias", init)).transpose()?;
-        let cfg = Conv2dConfig {
-            padding: spec.padding,
-            stride: spec.stride,
-            dilation: spec.dilation,
-            groups: 1,
-            cudnn_fwd_algo: None,
-        };
-        Ok(Self { inner: Conv2d::new(weight, bias, cfg), spec })
+        Ok(Self { weight, bias, spec })
     }
 
     pub fn spec(&self) -> &ConvSpec {
@@ -89,36 +83,39 @@ impl Conv {
 }
 
 impl Module for Conv {
-    /// On the CPU (f32) through [`super::im2col::conv2d`]: one GEMM per pass instead of Candle's
-    /// tiled forward and naive transposed-convolution input gradient. Elsewhere Candle's own
-    /// (cuDNN on CUDA), whose backward fails for stride 2 when H and W differ in parity (the
-    /// output padding is computed from H alone); for an odd kernel with `padding = (k − 1) / 2`
-    /// an extra zero row or column at the bottom/right of an odd side changes no output value
-    /// (it lies in the padding the windows already see), so the odd side is made even first.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let s = &self.spec;
-        if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
-            let y = super::im2col::conv2d(x, self.inner.weight(), s.stride, s.padding, s.dilation)?;
-            return match self.inner.bias() {
-                Some(b) => y.broadcast_add(&b.reshape((1, s.c_out, 1, 1))?),
-                None => Ok(y),
-            };
+        let y = conv2d(x, &self.weight, s.stride, s.padding, s.dilation)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, s.c_out, 1, 1))?),
+            None => Ok(y),
         }
-        self.forward_candle(x)
     }
 }
 
-impl Conv {
-    /// Candle's convolution, with odd sides made even for stride 2 (see `forward`).
-    fn forward_candle(&self, x: &Tensor) -> Result<Tensor> {
-        let s = &self.spec;
-        let (h, w) = (x.dim(2)?, x.dim(3)?);
-        if s.stride == 2 && h % 2 != w % 2 && s.kernel % 2 == 1 && 2 * s.padding + 1 == s.kernel {
-            let x = if h % 2 == 1 { x.pad_with_zeros(2, 0, 1)? } else { x.pad_with_zeros(3, 0, 1)? };
-            return self.inner.forward(&x);
-        }
-        self.inner.forward(x)
+/// `conv2d(x, weight)` (square kernel, no bias, one group). On the CPU (f32) through
+/// [`super::im2col::conv2d`]: one GEMM per pass instead of Candle's tiled forward and naive
+/// transposed-convolution input gradient. Elsewhere Candle's own (cuDNN on CUDA), whose
+/// backward fails for stride 2 when H and W differ in parity (the output padding is computed
+/// from H alone); for an odd kernel with `padding = (k − 1) / 2` an extra zero row or column at
+/// the bottom/right of an odd side changes no output value (it lies in the padding the windows
+/// already see), so the odd side is made even first.
+pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize, dilation: usize) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        return super::im2col::conv2d(x, weight, stride, padding, dilation);
     }
+    candle_conv2d(x, weight, stride, padding, dilation)
+}
+
+/// Candle's convolution, with odd sides made even for stride 2 (see [`conv2d`]).
+fn candle_conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize, dilation: usize) -> Result<Tensor> {
+    let (h, w) = (x.dim(2)?, x.dim(3)?);
+    let k = weight.dim(2)?;
+    if stride == 2 && h % 2 != w % 2 && k % 2 == 1 && 2 * padding + 1 == k {
+        let x = if h % 2 == 1 { x.pad_with_zeros(2, 0, 1)? } else { x.pad_with_zeros(3, 0, 1)? };
+        return x.conv2d(weight, padding, stride, dilation, 1);
+    }
+    x.conv2d(weight, padding, stride, dilation, 1)
 }
 
 #[cfg(test)]
@@ -137,14 +134,16 @@ mod tests {
         let conv = Conv::new(ConvSpec::new(2, 3, 3).stride(2).padding(1), false, vb)?;
         let values: Vec<f32> = (0..2 * 8 * 9).map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0).collect();
         let x = Var::from_tensor(&Tensor::from_vec(values.clone(), (1, 2, 8, 9), &dev)?)?;
-        let y = conv.forward_candle(&x)?;
+        let spec = conv.spec;
+        let forward_candle = |x: &Tensor| candle_conv2d(x, &conv.weight, spec.stride, spec.padding, spec.dilation);
+        let y = forward_candle(&x)?;
         assert_eq!(y.dims(), [1, 3, 4, 5]);
-        let plain = conv.inner.forward(x.as_tensor())?;
+        let plain = x.conv2d(&conv.weight, 1, 2, 1, 1)?;
         assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, plain.flatten_all()?.to_vec1::<f32>()?);
         let cpu_path = conv.forward(&x)?;
         assert!((&cpu_path - &y)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? < 1e-5);
         let r = Tensor::arange(0f32, 60.0, &dev)?.reshape((1, 3, 4, 5))?.affine(0.1, -3.0)?;
-        let loss = |x: &Tensor| -> Result<f32> { (conv.forward_candle(x)? * &r)?.sum_all()?.to_scalar::<f32>() };
+        let loss = |x: &Tensor| -> Result<f32> { (forward_candle(x)? * &r)?.sum_all()?.to_scalar::<f32>() };
         let grad = (y * &r)?.sum_all()?.backward()?.get(&x).expect("input gradient").flatten_all()?.to_vec1::<f32>()?;
         let base = loss(x.as_tensor())?;
         // The last column and row (the odd side's border) and an interior entry.

@@ -256,7 +256,10 @@ impl CustomOp2 for Conv {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((needed(x, || apply(grad, weight, GradInput(self.0)))?, needed(weight, || apply(x, grad, GradWeight(self.0)))?))
+        Ok((
+            needed(x, || apply(grad, weight, GradInput(self.0)))?,
+            needed(weight, || apply(x, grad, GradWeight(self.0)))?,
+        ))
     }
 }
 
@@ -409,8 +412,15 @@ mod tests {
     #[test]
     fn taps_pack_like_the_patch_matrix() {
         // (C, k, stride, padding, dilation, H, W), batch 2.
-        for (i, &(c, k, s, pad, d, h, w)) in
-            [(2, 3, 1, 1, 1, 5, 6), (2, 3, 2, 1, 1, 7, 6), (1, 3, 1, 2, 2, 5, 7), (3, 1, 1, 0, 1, 3, 4), (2, 1, 2, 0, 1, 5, 5)].iter().enumerate()
+        for (i, &(c, k, s, pad, d, h, w)) in [
+            (2, 3, 1, 1, 1, 5, 6),
+            (2, 3, 2, 1, 1, 7, 6),
+            (1, 3, 1, 2, 2, 5, 7),
+            (3, 1, 1, 0, 1, 3, 4),
+            (2, 1, 2, 0, 1, 5, 5),
+        ]
+        .iter()
+        .enumerate()
         {
             let p = Patches { kernel: k, stride: s, padding: pad, dilation: d, channels: c, h, w };
             let (oh, ow) = p.out_hw();
@@ -444,7 +454,10 @@ mod tests {
                                 } else {
                                     naive(depth0 + pp, line0 + line)
                                 };
-                                assert_eq!(v, want, "case {i} taps_are_lines {taps_are_lines} line0 {line0} lines {lines} depth0 {depth0}: entry {j}");
+                                assert_eq!(
+                                    v, want,
+                                    "case {i} taps_are_lines {taps_are_lines} line0 {line0} lines {lines} depth0 {depth0}: entry {j}"
+                                );
                             }
                         }
                     }

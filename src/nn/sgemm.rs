@@ -99,6 +99,29 @@ fn best_tile() -> Tile {
     tile_portable
 }
 
+/// Packed panels, aligned to cache lines so that no 16-lane load of a B panel straddles two.
+struct PanelBuf(Vec<CacheLine>);
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct CacheLine([f32; 16]);
+
+impl PanelBuf {
+    fn zeros(len: usize) -> Self {
+        Self(vec![CacheLine([0.0; 16]); len.div_ceil(16)])
+    }
+
+    fn as_slice(&self) -> &[f32] {
+        // SAFETY: `CacheLine` is 16 f32s with no padding (repr(C), 64 bytes).
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast(), self.0.len() * 16) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [f32] {
+        // SAFETY: as above.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), self.0.len() * 16) }
+    }
+}
+
 /// `C` as a raw pointer that threads write disjoint tiles of.
 #[derive(Clone, Copy)]
 struct Out {
@@ -140,9 +163,9 @@ impl<L: Lines> Side<'_, L> {
 
 /// All of `operand` (`lines x k`) as `width`-line panels, depth block by depth block: block
 /// `pc` starts at `pc · padded_lines`, its panel `q` at `q · width · kc` within it.
-fn pack_all(operand: &impl Lines, lines: usize, k: usize, width: usize) -> (Vec<f32>, usize) {
+fn pack_all(operand: &impl Lines, lines: usize, k: usize, width: usize) -> (PanelBuf, usize) {
     let padded_lines = lines.div_ceil(width) * width;
-    let mut packed = vec![0f32; padded_lines * k];
+    let mut packed = PanelBuf::zeros(padded_lines * k);
     // Each depth block in as many runs of whole panels as there are threads.
     let per_run = padded_lines.div_ceil(width).div_ceil(rayon::current_num_threads()) * width;
     let mut runs = Vec::new();
@@ -193,10 +216,10 @@ fn sgemm_with<A: Lines, B: Lines>(
         // SAFETY: parts cover disjoint tile ranges of C, inside the bounds checked above.
         unsafe {
             if split_n {
-                let a: Side<A> = Side::Packed { panels: &packed, padded_lines };
+                let a: Side<A> = Side::Packed { panels: packed.as_slice(), padded_lines };
                 blocked(tile, 0..m, first * NR..(end * NR).min(n), k, &a, &Side::Lazy(b), out, accumulate);
             } else {
-                let b: Side<B> = Side::Packed { panels: &packed, padded_lines };
+                let b: Side<B> = Side::Packed { panels: packed.as_slice(), padded_lines };
                 blocked(tile, first * MR..(end * MR).min(m), 0..n, k, &Side::Lazy(a), &b, out, accumulate);
             }
         }
@@ -217,23 +240,23 @@ unsafe fn blocked<A: Lines, B: Lines>(
     accumulate: bool,
 ) {
     let mut a_scratch = match a {
-        Side::Lazy(_) => vec![0f32; MC * KC],
-        Side::Packed { .. } => Vec::new(),
+        Side::Lazy(_) => PanelBuf::zeros(MC * KC),
+        Side::Packed { .. } => PanelBuf::zeros(0),
     };
     let mut b_scratch = match b {
-        Side::Lazy(_) => vec![0f32; NC * KC],
-        Side::Packed { .. } => Vec::new(),
+        Side::Lazy(_) => PanelBuf::zeros(NC * KC),
+        Side::Packed { .. } => PanelBuf::zeros(0),
     };
     for jc in cols.clone().step_by(NC) {
         let nc = NC.min(cols.end - jc);
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
-            let b_block = b.block(jc, nc, pc, kc, NR, &mut b_scratch);
+            let b_block = b.block(jc, nc, pc, kc, NR, b_scratch.as_mut_slice());
             // Later depth blocks add to what the first one wrote.
             let add = accumulate || pc > 0;
             for ic in rows.clone().step_by(MC) {
                 let mc = MC.min(rows.end - ic);
-                let a_block = a.block(ic, mc, pc, kc, MR, &mut a_scratch);
+                let a_block = a.block(ic, mc, pc, kc, MR, a_scratch.as_mut_slice());
                 for jr in (0..nc).step_by(NR) {
                     for ir in (0..mc).step_by(MR) {
                         // SAFETY: the tile lies inside C (the caller's bounds), the panels inside

@@ -82,7 +82,7 @@ impl SpectralNormConv2d {
 impl Module for SpectralNormConv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.normalized_weight()?;
-        let y = x.conv2d(&w, self.padding, self.stride, 1, 1)?;
+        let y = super::conv::conv2d(x, &w, self.stride, self.padding, 1)?;
         // [out] -> [1, out, 1, 1]
         y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
     }
