@@ -160,9 +160,19 @@ impl Lines for Taps<'_> {
             dst[(panels - 1) * width * kc..].fill(0.0);
         }
         if self.taps_are_lines {
-            for l in 0..lines {
-                let panel = &mut dst[l / width * width * kc..];
-                self.gather(line0 + l, depth0, kc, &mut panel[l % width..], width);
+            // Each panel's taps gathered whole (contiguous copies), then transposed in the cache:
+            // writing them into the panel directly strides across all of it once per tap.
+            let mut taps = vec![0f32; width * kc];
+            for (q, panel) in dst.chunks_exact_mut(width * kc).enumerate() {
+                let n = width.min(lines - q * width);
+                for (l, tap) in taps.chunks_exact_mut(kc).take(n).enumerate() {
+                    self.gather(line0 + q * width + l, depth0, kc, tap, 1);
+                }
+                for (p, row) in panel.chunks_exact_mut(width).enumerate() {
+                    for (l, v) in row[..n].iter_mut().enumerate() {
+                        *v = taps[l * kc + p];
+                    }
+                }
             }
         } else {
             // One tap's positions at a time, gathered whole, then cut into the panels.
