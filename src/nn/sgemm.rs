@@ -239,14 +239,12 @@ unsafe fn blocked<A: Lines, B: Lines>(
     c: Out,
     accumulate: bool,
 ) {
-    let mut a_scratch = match a {
-        Side::Lazy(_) => PanelBuf::zeros(MC * KC),
-        Side::Packed { .. } => PanelBuf::zeros(0),
+    // Scratch for the lazily packed side, no larger than its biggest block.
+    let scratch = |lazy: bool, block: usize, lines: usize, width: usize| {
+        PanelBuf::zeros(if lazy { block.min(lines.div_ceil(width) * width) * KC.min(k) } else { 0 })
     };
-    let mut b_scratch = match b {
-        Side::Lazy(_) => PanelBuf::zeros(NC * KC),
-        Side::Packed { .. } => PanelBuf::zeros(0),
-    };
+    let mut a_scratch = scratch(matches!(a, Side::Lazy(_)), MC, rows.len(), MR);
+    let mut b_scratch = scratch(matches!(b, Side::Lazy(_)), NC, cols.len(), NR);
     for jc in cols.clone().step_by(NC) {
         let nc = NC.min(cols.end - jc);
         for pc in (0..k).step_by(KC) {
