@@ -133,12 +133,19 @@ struct ChannelStats {
     var: Vec<f32>,
 }
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else { candle_core::bail!("batch-norm: f32 only") };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("batch-norm: needs a contiguous input")
+/// An op's three inputs as f32 slices, and the first's `[B, C, H·W]`.
+fn inputs<'a>(args: [(&'a CpuStorage, &Layout); 3]) -> Result<([&'a [f32]; 3], [usize; 3])> {
+    let &[b, c, h, w] = args[0].1.dims() else {
+        candle_core::bail!("batch-norm: expects [B, C, H, W], got {:?}", args[0].1.dims())
     };
-    Ok(&data[start..end])
+    let slice = |(storage, layout): (&'a CpuStorage, &Layout)| -> Result<&'a [f32]> {
+        let CpuStorage::F32(data) = storage else { candle_core::bail!("batch-norm: f32 only") };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("batch-norm: needs a contiguous input")
+        };
+        Ok(&data[start..end])
+    };
+    Ok(([slice(args[0])?, slice(args[1])?, slice(args[2])?], [b, c, h * w]))
 }
 
 /// The `(image, channel)` planes of channel `c` in a contiguous `[B, C, H·W]` map.
@@ -170,11 +177,7 @@ impl CustomOp3 for Normalize {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, weight, bias) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
-        let &[b, c, h, w] = l1.dims() else {
-            candle_core::bail!("batch-norm: expects [B, C, H, W], got {:?}", l1.dims())
-        };
-        let plane = h * w;
+        let ([x, weight, bias], [b, c, plane]) = inputs([(s1, l1), (s2, l2), (s3, l3)])?;
         let mut stats = self.stats.lock().expect("statistics");
         if self.batch_stats {
             let n = (b * plane) as f64;
@@ -259,11 +262,7 @@ impl CustomOp3 for NormalizeGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, y, grad) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
-        let &[b, c, h, w] = l1.dims() else {
-            candle_core::bail!("batch-norm: expects [B, C, H, W], got {:?}", l1.dims())
-        };
-        let plane = h * w;
+        let ([x, y, grad], [b, c, plane]) = inputs([(s1, l1), (s2, l2), (s3, l3)])?;
         let ChannelStats { mean, invstd, .. } = &self.stats;
         let (sum_g, sum_gx): (Vec<f32>, Vec<f32>) = (0..c)
             .into_par_iter()
