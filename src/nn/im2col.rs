@@ -1,12 +1,14 @@
-//! Convolution on the CPU as im2col + one matrix product per image, with col2im as the adjoint.
+//! Convolution on the CPU as one matrix product per pass over the whole batch, the patch matrix
+//! never stored.
 //!
 //! Candle's CPU `conv2d` runs about 3.5x slower than the matrix product it amounts to, and its
-//! input gradient is a naive `conv_transpose2d` (about 5x the forward). Here each image's
-//! patches become a `[C·k·k, Ho·Wo]` matrix (the input itself for a plain 1x1 convolution), so
-//! the forward `W · cols`, the weight gradient `g · colsᵀ` and the input gradient
-//! `col2im(Wᵀ · g)` are each one [`sgemm`] per image, writing NCHW directly. The three ops are
-//! linear in each argument and each other's adjoints, so every derivative (the second ones of
-//! the WGAN-GP penalty included) is one of them again.
+//! input gradient is a naive `conv_transpose2d` (about 5x the forward). Here the batch's patches
+//! are a `[C·k·k, B·Ho·Wo]` matrix (`Taps`) that [`sgemm`] packs block by block straight from
+//! the images, so the forward `W · cols` and the weight gradient `g · colsᵀ` are one product
+//! each; the input gradient `col2im(Wᵀ · g)` is, for stride 1, itself a convolution (of `g` with
+//! the flipped kernel), and a product plus col2im per image otherwise. The three ops are linear
+//! in each argument and each other's adjoints, so every derivative (the second ones of the
+//! WGAN-GP penalty included) is one of them again.
 
 use super::sgemm::{Lines, Mat, sgemm};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
@@ -212,8 +214,8 @@ fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&
 }
 
 /// `conv2d(x, weight)` (no bias) for f32 on the CPU: `x` `[B, C, H, W]`, `weight`
-/// `[C_out, C, k, k]`. The patch matrix lives only inside each pass: the backward builds it again
-/// from `x` rather than keeping it (nine times the input for a 3x3 kernel) from the forward.
+/// `[C_out, C, k, k]`. Only `x` and the weight are kept for the backward, which reads the patches
+/// from `x` again (a patch matrix is nine times the input for a 3x3 kernel).
 pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize, dilation: usize) -> Result<Tensor> {
     let (_, c, h, w) = x.dims4()?;
     let (_, c_w, k, k2) = weight.dims4()?;

@@ -4,8 +4,9 @@
 //! (`im2col::Taps`), packed straight from the image, so no patch matrix is ever stored.
 //!
 //! Candle's CPU matmul (the `gemm` crate on stable Rust) uses AVX2 kernels: about 40 GFLOP/s on
-//! two cores here, where OpenBLAS reaches 220. The micro-kernel here is 12x32 on AVX-512
-//! (125-170 GFLOP/s on the same machine); CPUs without AVX-512 run a portable one.
+//! two cores here. The micro-kernel here is 12x32 on AVX-512, at OpenBLAS's rate on the same
+//! machine (`examples/sgemm_rate.rs`: 149–238 GFLOP/s on 1024³ as the machine's speed drifts,
+//! OpenBLAS 212 in a minute where this made 196); CPUs without AVX-512 run a portable one.
 
 use rayon::prelude::*;
 
@@ -21,8 +22,8 @@ const NC: usize = 32 * NR;
 /// An operand as `lines x depth`: A's lines are its rows, B's its columns.
 pub trait Lines: Sync {
     /// Lines `line0..line0 + lines` over depth `depth0..depth0 + kc`, as depth-major panels of
-    /// `width` lines: panel `q`, at `dst[q · width · kc..]`, holds
-    /// `dst[.. p · width + l] = self(line0 + q · width + l, depth0 + p)`, zero past `lines`.
+    /// `width` lines: panel `q` starts at `dst[q · width · kc]` and holds, at offset
+    /// `p · width + l`, entry `(line0 + q · width + l, depth0 + p)`; zero past `lines`.
     fn pack(&self, line0: usize, lines: usize, depth0: usize, kc: usize, width: usize, dst: &mut [f32]);
 }
 
