@@ -129,15 +129,9 @@ fn train_fcos_runs_every_distillation_mode_with_finite_terms_and_eval_reads_its_
 #[test]
 fn eval_scores_a_detections_file_as_pycocotools() {
     let case = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cases/coco_seed1");
-    let gt = case.join("coco_gt.json");
-    let out = skd_det(&[
-        "eval",
-        "--annotations",
-        gt.to_str().unwrap(),
-        "--detections",
-        case.join("coco_dets.json").to_str().unwrap(),
-        "--json",
-    ]);
+    let (gt, dets) = (case.join("coco_gt.json"), case.join("coco_dets.json"));
+    let eval = ["eval", "--annotations", gt.to_str().unwrap(), "--detections", dets.to_str().unwrap()];
+    let out = skd_det(&[&eval[..], &["--json"]].concat());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let want: serde_json::Value =
@@ -149,13 +143,7 @@ fn eval_scores_a_detections_file_as_pycocotools() {
         assert!((g.as_f64().unwrap() - w.as_f64().unwrap()).abs() < 1e-4, "{got:?} vs {want:?}");
     }
     // The readable table is pycocotools' summarize().
-    let out = skd_det(&[
-        "eval",
-        "--annotations",
-        gt.to_str().unwrap(),
-        "--detections",
-        case.join("coco_dets.json").to_str().unwrap(),
-    ]);
+    let out = skd_det(&eval);
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
         table.contains("Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 0.391"),

@@ -27,8 +27,7 @@ use super::loss::{LossConfig, fcos_losses};
 use super::targets::{Levels, Locations, TargetConfig, compute_targets};
 use super::weights;
 use crate::distill::{Distiller, Losses, PixelWiseLoss};
-use crate::train::run::{LoopSettings, RunIoError, Validation, run_loop, start_run_dir};
-use crate::train::state::load_state;
+use crate::train::run::{LoopSettings, RunIoError, Validation, resume_point, run_loop, start_run_dir};
 use crate::train::{DenseNet, Settings, Task, Trainer};
 use crate::weights::WeightsError;
 
@@ -182,13 +181,7 @@ pub fn run(cfg: &TrainConfig, run_dir: &Path, opts: &RunOptions) -> Result<RunSu
     let settings = Settings { optim: cfg.optim.clone(), seed: cfg.seed, max_skips: cfg.max_skips };
     let mut trainer = Trainer::new(task, (student, varmap), teacher, distiller, settings)?;
 
-    let mut start = 0;
-    if opts.resume {
-        let (tensors, done) = load_state(run_dir)?;
-        trainer.restore(&tensors)?;
-        start = done;
-        say(format!("resumed {} at iteration {done}", run_dir.display()));
-    }
+    let start = resume_point::<_, TrainError>(&mut trainer, run_dir, opts.resume, opts.verbose)?;
     let total = cfg.optim.iterations;
     let loader = Loader::train(train, cfg.seed, cfg.optim.batch_size, start..total, cfg.data.prefetch, device.clone());
     let loop_settings = LoopSettings {

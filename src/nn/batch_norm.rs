@@ -2,10 +2,9 @@
 //!
 //! Candle's training-mode BatchNorm is about ten element-wise passes forward (a transposed copy,
 //! two means, subtract, square, divide, scale, shift, a transpose back that the next convolution
-//! copies again) and more backward; on the ResNets it cost as much as the convolutions. Here a
-//! normalisation is two passes over the map each way: per-channel statistics, then the
-//! normalised, scaled, shifted and activated output; backward, per-channel sums of the gradient,
-//! then the input gradient. Elsewhere (CUDA, other dtypes) Candle's own BatchNorm runs. The
+//! copies again) and more backward. Here a normalisation is three passes over the map forward
+//! (per-channel mean, variance, then the normalised, scaled, shifted and activated output) and
+//! two backward (per-channel sums of the gradient, then the input gradient). Elsewhere (CUDA, other dtypes) Candle's own BatchNorm runs. The
 //! fused backward is first-order only: a network differentiated twice (the critic) uses Candle's.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, ModuleT, Result, Shape, Tensor, Var};
@@ -138,13 +137,7 @@ fn inputs<'a>(args: [(&'a CpuStorage, &Layout); 3]) -> Result<([&'a [f32]; 3], [
     let &[b, c, h, w] = args[0].1.dims() else {
         candle_core::bail!("batch-norm: expects [B, C, H, W], got {:?}", args[0].1.dims())
     };
-    let slice = |(storage, layout): (&'a CpuStorage, &Layout)| -> Result<&'a [f32]> {
-        let CpuStorage::F32(data) = storage else { candle_core::bail!("batch-norm: f32 only") };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("batch-norm: needs a contiguous input")
-        };
-        Ok(&data[start..end])
-    };
+    let slice = |(storage, layout): (&'a CpuStorage, &Layout)| super::cpu_f32(storage, layout, "batch-norm");
     Ok(([slice(args[0])?, slice(args[1])?, slice(args[2])?], [b, c, h * w]))
 }
 

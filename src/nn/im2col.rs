@@ -10,6 +10,7 @@
 //! in each argument and each other's adjoints, so every derivative (the second ones of the
 //! WGAN-GP penalty included) is one of them again.
 
+use super::cpu_f32;
 use super::sgemm::{Lines, Mat, sgemm};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -207,12 +208,6 @@ fn convolve(p: Patches, x: &[f32], weight: &[f32], c_out: usize) -> Vec<f32> {
     if b == 1 { y } else { batch_side_by_side(&y, c_out, b, oh * ow) }
 }
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else { candle_core::bail!("{op}: f32 only") };
-    let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("{op}: needs a contiguous input") };
-    Ok(&data[start..end])
-}
-
 /// `conv2d(x, weight)` (no bias) for f32 on the CPU: `x` `[B, C, H, W]`, `weight`
 /// `[C_out, C, k, k]`. Only `x` and the weight are kept for the backward, which reads the patches
 /// from `x` again (a patch matrix is nine times the input for a 3x3 kernel).
@@ -255,7 +250,7 @@ impl CustomOp2 for Conv {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let p = self.0;
-        let (x, weight) = (f32_slice(s1, l1, "conv2d")?, f32_slice(s2, l2, "conv2d")?);
+        let (x, weight) = (cpu_f32(s1, l1, "conv2d")?, cpu_f32(s2, l2, "conv2d")?);
         let (b, c_out) = (l1.dims()[0], l2.dims()[0]);
         let (oh, ow) = p.out_hw();
         Ok((CpuStorage::F32(convolve(p, x, weight, c_out)), Shape::from((b, c_out, oh, ow))))
@@ -293,7 +288,7 @@ impl CustomOp2 for GradInput {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let p = self.0;
-        let (grad, weight) = (f32_slice(s1, l1, "conv2d grad")?, f32_slice(s2, l2, "conv2d grad")?);
+        let (grad, weight) = (cpu_f32(s1, l1, "conv2d grad")?, cpu_f32(s2, l2, "conv2d grad")?);
         let (b, c_out) = (l1.dims()[0], l2.dims()[0]);
         let (oh, ow) = p.out_hw();
         let (k, image_len) = (p.kernel, p.channels * p.h * p.w);
@@ -341,7 +336,7 @@ impl CustomOp2 for GradWeight {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let p = self.0;
-        let (x, grad) = (f32_slice(s1, l1, "conv2d grad")?, f32_slice(s2, l2, "conv2d grad")?);
+        let (x, grad) = (cpu_f32(s1, l1, "conv2d grad")?, cpu_f32(s2, l2, "conv2d grad")?);
         let c_out = l2.dims()[1];
         let (oh, ow) = p.out_hw();
         // As `∂Wᵀ = cols · gᵀ` over the whole batch: both operands run along the depth B·Ho·Wo,

@@ -21,6 +21,17 @@ pub use resize::{adaptive_avg_pool2d, avg_pool2d_ceil, resize_bilinear};
 pub use rng::SplitMix64;
 pub use spectral_norm::SpectralNormConv2d;
 
+/// A CPU op's f32 input as a slice (the CPU kernels' one way in), or an error naming `op`.
+pub(crate) fn cpu_f32<'a>(
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let candle_core::CpuStorage::F32(data) = storage else { candle_core::bail!("{op}: f32 only") };
+    let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("{op}: needs a contiguous input") };
+    Ok(&data[start..end])
+}
+
 /// Whether a state-dict key names a buffer (state that is saved but never trained): BatchNorm
 /// running statistics and the spectral-norm power-iteration vectors.
 pub fn is_buffer(key: &str) -> bool {

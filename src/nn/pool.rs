@@ -151,21 +151,13 @@ impl MaxPool2d {
     }
 }
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else { candle_core::bail!("max-pool: f32 only") };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("max-pool: needs a contiguous input")
-    };
-    Ok(&data[start..end])
-}
-
 impl CustomOp1 for MaxPool2d {
     fn name(&self) -> &'static str {
         "max-pool2d"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(storage, layout)?;
+        let x = super::cpu_f32(storage, layout, "max-pool")?;
         let &[b, c, h, w] = layout.dims() else {
             candle_core::bail!("max-pool: expects [B, C, H, W], got {:?}", layout.dims())
         };
@@ -191,7 +183,7 @@ impl CustomOp2 for MaxPoolGrad {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, grad) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        let (x, grad) = (super::cpu_f32(s1, l1, "max-pool")?, super::cpu_f32(s2, l2, "max-pool")?);
         let &[_, _, h, w] = l1.dims() else {
             candle_core::bail!("max-pool: expects [B, C, H, W], got {:?}", l1.dims())
         };

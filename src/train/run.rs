@@ -15,7 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use super::log::{JsonlLog, rss_mb};
-use super::state::{checkpoint_due, save_state};
+use super::state::{checkpoint_due, load_state, save_state};
 use super::{Task, Trainer, all_finite};
 
 pub const LOG_FILE: &str = "train.jsonl";
@@ -78,6 +78,24 @@ fn bar(len: u64, start: u64, verbose: bool) -> ProgressBar {
     );
     b.set_position(start);
     b
+}
+
+/// Where a run starts: with `resume`, `trainer` restored from `run_dir`'s state and the
+/// iterations that state had finished; otherwise 0.
+pub fn resume_point<T, E>(trainer: &mut Trainer<T>, run_dir: &Path, resume: bool, verbose: bool) -> Result<usize, E>
+where
+    T: Task,
+    E: From<candle_core::Error> + From<crate::weights::WeightsError>,
+{
+    if !resume {
+        return Ok(0);
+    }
+    let (tensors, done) = load_state(run_dir)?;
+    trainer.restore(&tensors)?;
+    if verbose {
+        eprintln!("resumed {} at iteration {done}", run_dir.display());
+    }
+    Ok(done)
 }
 
 /// Runs iterations `settings.start..settings.total` over `batches`; returns the number of
