@@ -57,15 +57,7 @@ fn train(a: skd::config::RunArgs) -> anyhow::Result<()> {
         cfg.data.root.display()
     );
     let summary = run(&cfg, &run_dir, &RunOptions { resume, verbose: true })?;
-    eprintln!(
-        "done in {:.0}s ({} steps skipped) -> {}",
-        summary.seconds,
-        summary.skipped_steps,
-        summary.run_dir.display()
-    );
-    if let Some(v) = summary.val {
-        println!("{v}");
-    }
+    summary.print();
     Ok(())
 }
 

@@ -173,16 +173,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         cfg.data.root.display()
     );
     let summary = run(&cfg, &run_dir, &RunOptions { resume, check_teacher: a.check_teacher, verbose: true })?;
-    eprintln!(
-        "done: {} iterations in {:.0}s ({} skipped) -> {}",
-        summary.iterations_done,
-        summary.seconds,
-        summary.skipped_steps,
-        summary.run_dir.display()
-    );
-    if let Some(v) = summary.val {
-        println!("{v}");
-    }
+    summary.print();
     Ok(())
 }
 

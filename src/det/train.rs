@@ -9,7 +9,7 @@
 //!   checkpoints: state.safetensors + student.safetensors (no adapters); val: COCO box AP
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -27,7 +27,7 @@ use super::loss::{LossConfig, fcos_losses};
 use super::targets::{Levels, Locations, TargetConfig, compute_targets};
 use super::weights;
 use crate::distill::{Distiller, Losses, PixelWiseLoss};
-use crate::train::run::{LoopSettings, RunIoError, Validation, resume_point, run_loop, start_run_dir};
+use crate::train::run::{LoopSettings, RunIoError, RunSummary, Validation, resume_point, run_loop, start_run_dir};
 use crate::train::{DenseNet, Settings, Task, Trainer};
 use crate::weights::WeightsError;
 
@@ -97,19 +97,10 @@ pub struct RunOptions {
     pub verbose: bool,
 }
 
-#[derive(Debug, Clone)]
-pub struct RunSummary {
-    pub run_dir: PathBuf,
-    pub skipped_steps: usize,
-    /// The last validation, if there is a val split.
-    pub val: Option<CocoStats>,
-    pub seconds: f64,
-}
-
 pub const STUDENT_FILE: &str = "student.safetensors";
 
 /// Trains as `cfg` says, in `run_dir` (created; with `opts.resume`, continued).
-pub fn run(cfg: &TrainConfig, run_dir: &Path, opts: &RunOptions) -> Result<RunSummary, TrainError> {
+pub fn run(cfg: &TrainConfig, run_dir: &Path, opts: &RunOptions) -> Result<RunSummary<CocoStats>, TrainError> {
     let started = Instant::now();
     cfg.validate()?;
     let resolved = start_run_dir(run_dir, cfg, opts.resume)?;
@@ -217,6 +208,7 @@ pub fn run(cfg: &TrainConfig, run_dir: &Path, opts: &RunOptions) -> Result<RunSu
     )?;
     Ok(RunSummary {
         run_dir: run_dir.to_path_buf(),
+        iterations_done: total,
         skipped_steps: skipped,
         val: last_val,
         seconds: started.elapsed().as_secs_f64(),

@@ -9,7 +9,7 @@
 //!   every checkpoint_every: state.safetensors + student.safetensors; every val_every: mIoU
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -25,7 +25,7 @@ use super::metrics::Scores;
 use super::pspnet::{PspNet, PspOutput};
 use super::weights::{load_frozen, load_trainable, save};
 use crate::distill::{Distiller, Losses};
-use crate::train::run::{LoopSettings, RunIoError, Validation, resume_point, run_loop, start_run_dir};
+use crate::train::run::{LoopSettings, RunIoError, RunSummary, Validation, resume_point, run_loop, start_run_dir};
 use crate::train::{DenseNet, Settings, Task, Trainer};
 use crate::weights::{LoadMode, WeightsError};
 
@@ -94,16 +94,6 @@ pub struct RunOptions {
     pub verbose: bool,
 }
 
-#[derive(Debug, Clone)]
-pub struct RunSummary {
-    pub run_dir: PathBuf,
-    pub iterations_done: usize,
-    pub skipped_steps: usize,
-    /// The last validation, if there is a val split.
-    pub val: Option<Scores>,
-    pub seconds: f64,
-}
-
 pub const STUDENT_FILE: &str = "student.safetensors";
 
 /// The val split, limited to the first `limit` images; `None` when the dataset has none.
@@ -121,7 +111,7 @@ fn val_split(cfg: &TrainConfig, limit: Option<usize>) -> Result<Option<Split>, T
 }
 
 /// Trains as `cfg` says, in `run_dir` (created; with `opts.resume`, continued).
-pub fn run(cfg: &TrainConfig, run_dir: &Path, opts: &RunOptions) -> Result<RunSummary, TrainError> {
+pub fn run(cfg: &TrainConfig, run_dir: &Path, opts: &RunOptions) -> Result<RunSummary<Scores>, TrainError> {
     let started = Instant::now();
     cfg.validate()?;
     let resolved = start_run_dir(run_dir, cfg, opts.resume)?;

@@ -8,7 +8,7 @@
 //!   val due (every val_every, and at the end) -> validate -> train.jsonl
 //! ```
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -78,6 +78,33 @@ fn bar(len: u64, start: u64, verbose: bool) -> ProgressBar {
     );
     b.set_position(start);
     b
+}
+
+/// What a finished run reports; `V` is the task's validation scores.
+#[derive(Debug, Clone)]
+pub struct RunSummary<V> {
+    pub run_dir: PathBuf,
+    pub iterations_done: usize,
+    pub skipped_steps: usize,
+    /// The last validation, if there is a val split.
+    pub val: Option<V>,
+    pub seconds: f64,
+}
+
+impl<V: std::fmt::Display> RunSummary<V> {
+    /// The closing lines of a training command: the run on stderr, its last validation on stdout.
+    pub fn print(&self) {
+        eprintln!(
+            "done: {} iterations in {:.0}s ({} skipped) -> {}",
+            self.iterations_done,
+            self.seconds,
+            self.skipped_steps,
+            self.run_dir.display()
+        );
+        if let Some(v) = &self.val {
+            println!("{v}");
+        }
+    }
 }
 
 /// Where a run starts: with `resume`, `trainer` restored from `run_dir`'s state and the
