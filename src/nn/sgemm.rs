@@ -18,6 +18,8 @@ const KC: usize = 256;
 /// Rows of A packed at once (192 KiB) and columns of B (1 MiB), sized for a 2 MiB L2.
 const MC: usize = 16 * MR;
 const NC: usize = 32 * NR;
+/// Parts a product is split into per thread (see `sgemm_with`).
+const PARTS_PER_THREAD: usize = 4;
 
 /// An operand as `lines x depth`: A's lines are its rows, B's its columns.
 pub trait Lines: Sync {
@@ -101,15 +103,36 @@ fn best_tile() -> Tile {
 }
 
 /// Packed panels, aligned to cache lines so that no 16-lane load of a B panel straddles two.
+/// Their memory is kept for reuse on the thread that dropped them (see [`PanelBuf::take`]).
 struct PanelBuf(Vec<CacheLine>);
 
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
 struct CacheLine([f32; 16]);
 
+/// How many dropped buffers a thread keeps: the shared operand, a part's scratch and one spare.
+const SPARES: usize = 3;
+
+thread_local! {
+    static SPARE_BUFS: std::cell::RefCell<Vec<Vec<CacheLine>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl PanelBuf {
-    fn zeros(len: usize) -> Self {
-        Self(vec![CacheLine([0.0; 16]); len.div_ceil(16)])
+    /// At least `len` floats, their values left over from earlier use: every panel is packed
+    /// whole (padding included) before a micro-kernel reads it. Reusing this thread's dropped
+    /// buffers spares fresh pages (a page fault and a clear for every 4 KiB, which cost more
+    /// than the packing on the 10 MB operands of 128² training).
+    fn take(len: usize) -> Self {
+        let lines = len.div_ceil(16);
+        if lines == 0 {
+            return Self(Vec::new());
+        }
+        let reused = SPARE_BUFS.with_borrow_mut(|spares| {
+            let fits = spares.iter().enumerate().filter(|(_, b)| b.len() >= lines).min_by_key(|(_, b)| b.len());
+            let i = fits.map(|(i, _)| i)?;
+            Some(spares.swap_remove(i))
+        });
+        Self(reused.unwrap_or_else(|| vec![CacheLine([0.0; 16]); lines]))
     }
 
     fn as_slice(&self) -> &[f32] {
@@ -120,6 +143,26 @@ impl PanelBuf {
     fn as_mut_slice(&mut self) -> &mut [f32] {
         // SAFETY: as above.
         unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), self.0.len() * 16) }
+    }
+}
+
+impl Drop for PanelBuf {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.0);
+        if buf.is_empty() {
+            return;
+        }
+        // `try_with`: a thread being torn down frees the buffer instead.
+        let _ = SPARE_BUFS.try_with(|spares| {
+            let mut spares = spares.borrow_mut();
+            spares.push(buf);
+            if spares.len() > SPARES {
+                // The smallest goes: the large ones are what is costly to fault in again.
+                if let Some(i) = spares.iter().enumerate().min_by_key(|(_, b)| b.len()).map(|(i, _)| i) {
+                    spares.swap_remove(i);
+                }
+            }
+        });
     }
 }
 
@@ -166,7 +209,7 @@ impl<L: Lines> Side<'_, L> {
 /// `pc` starts at `pc · padded_lines`, its panel `q` at `q · width · kc` within it.
 fn pack_all(operand: &impl Lines, lines: usize, k: usize, width: usize) -> (PanelBuf, usize) {
     let padded_lines = lines.div_ceil(width) * width;
-    let mut packed = PanelBuf::zeros(padded_lines * k);
+    let mut packed = PanelBuf::take(padded_lines * k);
     // Each depth block in as many runs of whole panels as there are threads.
     let per_run = padded_lines.div_ceil(width).div_ceil(rayon::current_num_threads()) * width;
     let mut runs = Vec::new();
@@ -201,7 +244,9 @@ fn sgemm_with<A: Lines, B: Lines>(
     assert!((m - 1) * ldc + n <= c.len(), "sgemm: C ({m}x{n}, ldc {ldc}) out of bounds");
     let out = Out { ptr: c.as_mut_ptr(), ldc };
     // Below ~64³ multiply-adds a split costs more than it saves.
-    let parts = if m * n * k < 1 << 18 { 1 } else { rayon::current_num_threads() };
+    // A few parts per thread, taken as threads come free: a core that another process or a
+    // page fault slows down then holds up the product by a small part rather than half of it.
+    let parts = if m * n * k < 1 << 18 { 1 } else { PARTS_PER_THREAD * rayon::current_num_threads() };
     // Split the dimension with more micro-tiles; the other operand is packed once, shared.
     let (tiles_m, tiles_n) = (m.div_ceil(MR), n.div_ceil(NR));
     let split_n = tiles_n >= tiles_m;
@@ -242,7 +287,7 @@ unsafe fn blocked<A: Lines, B: Lines>(
 ) {
     // Scratch for the lazily packed side, no larger than its biggest block.
     let scratch = |lazy: bool, block: usize, lines: usize, width: usize| {
-        PanelBuf::zeros(if lazy { block.min(lines.div_ceil(width) * width) * KC.min(k) } else { 0 })
+        PanelBuf::take(if lazy { block.min(lines.div_ceil(width) * width) * KC.min(k) } else { 0 })
     };
     let mut a_scratch = scratch(matches!(a, Side::Lazy(_)), MC, rows.len(), MR);
     let mut b_scratch = scratch(matches!(b, Side::Lazy(_)), NC, cols.len(), NR);
