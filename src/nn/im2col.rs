@@ -11,10 +11,9 @@
 //! WGAN-GP penalty included) is one of them again.
 
 use super::cpu_f32;
-use super::sgemm::{Lines, Mat, sgemm};
+use super::sgemm::{Dest, Lines, Mat, sgemm};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-use std::borrow::Cow;
 
 /// Geometry of a square-kernel convolution's patches, for a `[B, C, H, W]` input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,22 +189,42 @@ impl Lines for Taps<'_> {
     }
 }
 
-/// `[B, R, S]` -> `[R, B·S]`: the batch's maps side by side (or back, with `b` and `r` swapped).
-fn batch_side_by_side(x: &[f32], b: usize, r: usize, s: usize) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(s).enumerate().for_each(|(i, dst)| dst.copy_from_slice(&x[(i % b * r + i / b) * s..][..s]));
-    out
+/// A batch of maps `[B, M, S]` as `M` lines over the depth `B·S` (each map's images side by
+/// side): entry `(m, (n, s))` at `data[(n · M + m) · S + s]`.
+struct BatchMaps<'a> {
+    data: &'a [f32],
+    maps: usize,
+    size: usize,
+}
+
+impl Lines for BatchMaps<'_> {
+    fn pack(&self, line0: usize, lines: usize, depth0: usize, kc: usize, width: usize, dst: &mut [f32]) {
+        for (q, panel) in dst[..lines.div_ceil(width) * width * kc].chunks_exact_mut(width * kc).enumerate() {
+            let (line0, n) = (line0 + q * width, width.min(lines - q * width));
+            if n < width {
+                panel.fill(0.0);
+            }
+            // Along the depth, a map is contiguous within each image: `n` streams read along.
+            for (d, row) in (depth0..depth0 + kc).zip(panel.chunks_exact_mut(width)) {
+                let start = (d / self.size * self.maps + line0) * self.size + d % self.size;
+                for (l, v) in row[..n].iter_mut().enumerate() {
+                    *v = self.data[start + l * self.size];
+                }
+            }
+        }
+    }
 }
 
 /// `y = W · cols(x)` for a batch `x` `[B, C, H, W]` and `weight` `[C_out, C·k·k]`: one product
-/// over the whole batch (`[C_out, B·Ho·Wo]`), into `y` `[B, C_out, Ho, Wo]`.
+/// over the whole batch (`[C_out, B·Ho·Wo]`), stored as `y` `[B, C_out, Ho, Wo]`.
 fn convolve(p: Patches, x: &[f32], weight: &[f32], c_out: usize) -> Vec<f32> {
     let (oh, ow) = p.out_hw();
     let b = x.len() / (p.channels * p.h * p.w);
     let cols = Taps { p, images: x, taps_are_lines: false };
     let mut y = vec![0f32; c_out * b * oh * ow];
-    sgemm(c_out, b * oh * ow, p.rows(), &Mat::rows(weight, p.rows()), &cols, &mut y, b * oh * ow, false);
-    if b == 1 { y } else { batch_side_by_side(&y, c_out, b, oh * ow) }
+    let dest = Dest::batched(&mut y, c_out, oh * ow);
+    sgemm(c_out, b * oh * ow, p.rows(), &Mat::rows(weight, p.rows()), &cols, dest, false);
+    y
 }
 
 /// `conv2d(x, weight)` (no bias) for f32 on the CPU: `x` `[B, C, H, W]`, `weight`
@@ -309,7 +328,7 @@ impl CustomOp2 for GradInput {
             let mut cols = vec![0f32; p.rows() * oh * ow];
             let w_t = Mat::columns(weight, p.rows());
             for (g, image) in grad.chunks_exact(c_out * oh * ow).zip(dx.chunks_exact_mut(image_len)) {
-                sgemm(p.rows(), oh * ow, c_out, &w_t, &Mat::columns(g, oh * ow), &mut cols, oh * ow, false);
+                sgemm(p.rows(), oh * ow, c_out, &w_t, &Mat::columns(g, oh * ow), Dest::rows(&mut cols, oh * ow), false);
                 p.col2im(&cols, image);
             }
             dx
@@ -343,10 +362,10 @@ impl CustomOp2 for GradWeight {
         // the patches are packed across taps (straight from the images), `g` is C·k·k times
         // smaller than they are, and C·k·k and C_out fill whole micro-tiles.
         let b = x.len() / (p.channels * p.h * p.w);
-        let g = if b == 1 { Cow::Borrowed(grad) } else { Cow::Owned(batch_side_by_side(grad, b, c_out, oh * ow)) };
+        let g = BatchMaps { data: grad, maps: c_out, size: oh * ow };
         let cols = Taps { p, images: x, taps_are_lines: true };
         let mut dw_t = vec![0f32; p.rows() * c_out];
-        sgemm(p.rows(), c_out, b * oh * ow, &cols, &Mat::rows(&g, b * oh * ow), &mut dw_t, c_out, false);
+        sgemm(p.rows(), c_out, b * oh * ow, &cols, &g, Dest::rows(&mut dw_t, c_out), false);
         let mut dw = vec![0f32; c_out * p.rows()];
         // The transpose in 32x32 blocks, each read and written within the cache.
         for r0 in (0..p.rows()).step_by(32) {

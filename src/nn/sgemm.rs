@@ -75,20 +75,33 @@ impl Lines for Mat<'_> {
     }
 }
 
+/// Where the product `C` (`m x n`) goes: entry `(i, j)` at
+/// `data[(j / block) · block_stride + i · ldc + j % block]`. Plain rows have one block; a
+/// product over a batch's positions lands as `[B, m, positions]` with no copy afterwards.
+#[derive(Debug)]
+pub struct Dest<'a> {
+    pub data: &'a mut [f32],
+    pub ldc: usize,
+    pub block: usize,
+    pub block_stride: usize,
+}
+
+impl<'a> Dest<'a> {
+    /// A row-major `C` with row stride `ldc`.
+    pub fn rows(data: &'a mut [f32], ldc: usize) -> Self {
+        Self { data, ldc, block: usize::MAX, block_stride: 0 }
+    }
+
+    /// `C`'s columns as `(image, position)` pairs, stored `[B, m, positions]`.
+    pub fn batched(data: &'a mut [f32], m: usize, positions: usize) -> Self {
+        Self { data, ldc: positions, block: positions, block_stride: m * positions }
+    }
+}
+
 /// `C[i][j] = Σ_p a(i, p) · b(j, p)` (plus the old `C` when `accumulate`) for `a` `m x k`, `b`
-/// `n x k`, `C` row-major `m x n` with row stride `ldc`.
-#[allow(clippy::too_many_arguments)]
-pub fn sgemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &impl Lines,
-    b: &impl Lines,
-    c: &mut [f32],
-    ldc: usize,
-    accumulate: bool,
-) {
-    sgemm_with(best_tile(), m, n, k, a, b, c, ldc, accumulate)
+/// `n x k`, `C` `m x n` where `c` says.
+pub fn sgemm(m: usize, n: usize, k: usize, a: &impl Lines, b: &impl Lines, c: Dest, accumulate: bool) {
+    sgemm_with(best_tile(), m, n, k, a, b, c, accumulate)
 }
 
 /// A micro-kernel: `C[..rows, ..cols] (+)= A_panel · B_panelᵀ` over depth `kc` (see [`tile_avx512`]).
@@ -166,15 +179,24 @@ impl Drop for PanelBuf {
     }
 }
 
-/// `C` as a raw pointer that threads write disjoint tiles of.
+/// `C` as a raw pointer that threads write disjoint tiles of (laid out as [`Dest`] says).
 #[derive(Clone, Copy)]
 struct Out {
     ptr: *mut f32,
     ldc: usize,
+    block: usize,
+    block_stride: usize,
 }
 // SAFETY: every thread writes only its own rows or columns of `C`.
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
+
+impl Out {
+    /// Entry `(i, j)`; the caller keeps it inside `C`.
+    unsafe fn at(&self, i: usize, j: usize) -> *mut f32 {
+        unsafe { self.ptr.add(j / self.block * self.block_stride + i * self.ldc + j % self.block) }
+    }
+}
 
 /// One operand's packed blocks: all of it packed once up front (shared by the threads), or
 /// packed block by block by each thread as it goes.
@@ -227,22 +249,14 @@ fn pack_all(operand: &impl Lines, lines: usize, k: usize, width: usize) -> (Pane
 }
 
 #[allow(clippy::too_many_arguments)]
-fn sgemm_with<A: Lines, B: Lines>(
-    tile: Tile,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &A,
-    b: &B,
-    c: &mut [f32],
-    ldc: usize,
-    accumulate: bool,
-) {
+fn sgemm_with<A: Lines, B: Lines>(tile: Tile, m: usize, n: usize, k: usize, a: &A, b: &B, c: Dest, accumulate: bool) {
     if m == 0 || n == 0 {
         return;
     }
-    assert!((m - 1) * ldc + n <= c.len(), "sgemm: C ({m}x{n}, ldc {ldc}) out of bounds");
-    let out = Out { ptr: c.as_mut_ptr(), ldc };
+    let Dest { data, ldc, block, block_stride } = c;
+    let last = (n - 1) / block * block_stride + (m - 1) * ldc + (n - 1) % block;
+    assert!(last < data.len(), "sgemm: C ({m}x{n}, {ldc}/{block}/{block_stride}) out of bounds");
+    let out = Out { ptr: data.as_mut_ptr(), ldc, block, block_stride };
     // Below ~64³ multiply-adds a split costs more than it saves.
     // A few parts per thread, taken as threads come free: a core that another process or a
     // page fault slows down then holds up the product by a small part rather than half of it.
@@ -303,18 +317,24 @@ unsafe fn blocked<A: Lines, B: Lines>(
                 let a_block = a.block(ic, mc, pc, kc, MR, a_scratch.as_mut_slice());
                 for jr in (0..nc).step_by(NR) {
                     for ir in (0..mc).step_by(MR) {
+                        let (i, j, extent) = (ic + ir, jc + jr, (MR.min(mc - ir), NR.min(nc - jr)));
                         // SAFETY: the tile lies inside C (the caller's bounds), the panels inside
                         // the packed blocks.
                         unsafe {
-                            tile(
-                                kc,
-                                a_block.as_ptr().add(ir * kc),
-                                b_block.as_ptr().add(jr * kc),
-                                c.ptr.add((ic + ir) * c.ldc + jc + jr),
-                                c.ldc,
-                                (MR.min(mc - ir), NR.min(nc - jr)),
-                                add,
-                            )
+                            let (a, b) = (a_block.as_ptr().add(ir * kc), b_block.as_ptr().add(jr * kc));
+                            if j % c.block + extent.1 <= c.block {
+                                tile(kc, a, b, c.at(i, j), c.ldc, extent, add);
+                            } else {
+                                // Across blocks of C: computed aside, then stored block by block.
+                                let mut full = [0f32; MR * NR];
+                                tile(kc, a, b, full.as_mut_ptr(), NR, (MR, NR), false);
+                                let mut col = 0;
+                                while col < extent.1 {
+                                    let cols = (c.block - (j + col) % c.block).min(extent.1 - col);
+                                    store(&full[col..], c.at(i, j + col), c.ldc, (extent.0, cols), add);
+                                    col += cols;
+                                }
+                            }
                         };
                     }
                 }
@@ -323,8 +343,8 @@ unsafe fn blocked<A: Lines, B: Lines>(
     }
 }
 
-/// Writes a finished `MR x NR` tile (`full`, row-major) into `C[..rows, ..cols]`.
-unsafe fn store(full: &[f32; MR * NR], c: *mut f32, ldc: usize, (rows, cols): (usize, usize), add: bool) {
+/// Writes a finished tile (`full`, row-major with row stride `NR`) into `C[..rows, ..cols]`.
+unsafe fn store(full: &[f32], c: *mut f32, ldc: usize, (rows, cols): (usize, usize), add: bool) {
     for i in 0..rows {
         // SAFETY: the caller passes the tile's valid extent inside C.
         let row = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), cols) };
@@ -419,7 +439,8 @@ mod tests {
 
     /// Every micro-kernel this CPU runs against a naive product, on shapes with partial tiles,
     /// several depth, row and column blocks, both line layouts, a row stride wider than the row,
-    /// and accumulation.
+    /// `C` in blocks of columns (narrower and wider than a tile, with gaps between them), and
+    /// accumulation; entries outside `C` stay as they were.
     #[test]
     fn equals_a_naive_product() {
         let mut tiles: Vec<(&str, Tile)> = vec![("portable", tile_portable)];
@@ -434,24 +455,27 @@ mod tests {
                     let a = if a_cols { Mat::columns(&av, m) } else { Mat::rows(&av, k) };
                     let b = if b_cols { Mat::columns(&bv, n) } else { Mat::rows(&bv, k) };
                     let at = |l: usize, p: usize, x: &Mat| x.data[l * x.ls + p * x.ps] as f64;
-                    let ldc = n + 3;
-                    let start = values(m * ldc, 3);
-                    for accumulate in [false, true] {
-                        let mut c = start.clone();
-                        sgemm_with(tile, m, n, k, &a, &b, &mut c, ldc, accumulate);
-                        for i in 0..m {
-                            for j in 0..ldc {
-                                let old = start[i * ldc + j] as f64;
-                                let want = if j >= n {
-                                    old
-                                } else {
-                                    (0..k).map(|p| at(i, p, &a) * at(j, p, &b)).sum::<f64>()
-                                        + if accumulate { old } else { 0.0 }
-                                };
-                                let got = c[i * ldc + j] as f64;
+                    // (ldc, block, block_stride): plain rows, then blocks of 5 and 37 columns.
+                    for (ldc, block, block_stride) in [(n + 3, usize::MAX, 0), (5, 5, 5 * m + 2), (40, 37, 40 * m + 1)]
+                    {
+                        let index = |i: usize, j: usize| j / block * block_stride + i * ldc + j % block;
+                        let start = values(index(m - 1, n - 1) + 4, 3);
+                        for accumulate in [false, true] {
+                            let mut c = start.clone();
+                            let dest = Dest { data: &mut c, ldc, block, block_stride };
+                            sgemm_with(tile, m, n, k, &a, &b, dest, accumulate);
+                            let mut want: Vec<f64> = start.iter().map(|&v| v as f64).collect();
+                            for i in 0..m {
+                                for j in 0..n {
+                                    let product = (0..k).map(|p| at(i, p, &a) * at(j, p, &b)).sum::<f64>();
+                                    let w = &mut want[index(i, j)];
+                                    *w = product + if accumulate { *w } else { 0.0 };
+                                }
+                            }
+                            for (e, (&got, &want)) in c.iter().zip(&want).enumerate() {
                                 assert!(
-                                    (got - want).abs() <= 1e-4 * (1.0 + want.abs()) * (k as f64).sqrt(),
-                                    "{name} {m}x{n}x{k} a_cols {a_cols} b_cols {b_cols} acc {accumulate} at ({i},{j}): {got} vs {want}"
+                                    (got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()) * (k as f64).sqrt(),
+                                    "{name} {m}x{n}x{k} a_cols {a_cols} b_cols {b_cols} block {block} acc {accumulate} at {e}: {got} vs {want}"
                                 );
                             }
                         }
