@@ -32,6 +32,17 @@ pub(crate) fn cpu_f32<'a>(
     Ok(&data[start..end])
 }
 
+/// A CPU op's f32 output, updated in place, as a slice (see [`cpu_f32`]).
+pub(crate) fn cpu_f32_mut<'a>(
+    storage: &'a mut candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<&'a mut [f32]> {
+    let candle_core::CpuStorage::F32(data) = storage else { candle_core::bail!("{op}: f32 only") };
+    let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("{op}: needs a contiguous input") };
+    Ok(&mut data[start..end])
+}
+
 /// Whether a state-dict key names a buffer (state that is saved but never trained): BatchNorm
 /// running statistics and the spectral-norm power-iteration vectors.
 pub fn is_buffer(key: &str) -> bool {

@@ -7,9 +7,11 @@
 //! Each parameter may scale the learning rate and set its own decay (FCOS: biases get 2·lr and
 //! no weight decay).
 
+use crate::nn::{cpu_f32, cpu_f32_mut};
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Var};
 use candle_nn::Optimizer;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -71,9 +73,17 @@ impl Optimizer for Sgd {
             // Plain values: no graph may leak into the weights (the double-backward flag keeps
             // gradients attached to their graph).
             let g = g.detach();
+            let rate = self.cfg.lr * lr_factor;
+            if p.device().is_cpu() && p.dtype() == DType::F32 {
+                // In place, two passes over each parameter instead of six allocating ones.
+                let velocity = Velocity { momentum: self.cfg.momentum as f32, weight_decay: *weight_decay as f32 };
+                v.inplace_op3(&g, p.as_tensor(), &velocity)?;
+                p.inplace_op2(v.as_tensor(), &Descend { rate: rate as f32 })?;
+                continue;
+            }
             let d = if *weight_decay != 0.0 { (g + (p.as_tensor().detach() * *weight_decay)?)? } else { g };
             let vel = ((v.as_tensor() * self.cfg.momentum)? + d)?;
-            p.set(&(p.as_tensor().detach() - (&vel * (self.cfg.lr * lr_factor))?)?)?;
+            p.set(&(p.as_tensor().detach() - (&vel * rate)?)?)?;
             v.set(&vel)?;
         }
         Ok(())
@@ -87,6 +97,75 @@ impl Optimizer for Sgd {
         self.cfg.lr = lr;
     }
 }
+
+/// `v ← μ·v + (g + λ·p)` in place on the CPU, rounded as the tensor ops round it (each
+/// scalar product in f32, then the sums left to right), so both paths give the same bits.
+struct Velocity {
+    momentum: f32,
+    weight_decay: f32,
+}
+
+impl InplaceOp3 for Velocity {
+    fn name(&self) -> &'static str {
+        "sgd-velocity"
+    }
+
+    fn cpu_fwd(
+        &self,
+        v: &mut CpuStorage,
+        lv: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+        p: &CpuStorage,
+        lp: &Layout,
+    ) -> Result<()> {
+        let v = cpu_f32_mut(v, lv, "sgd velocity")?;
+        let (g, p) = (cpu_f32(g, lg, "sgd gradient")?, cpu_f32(p, lp, "sgd parameter")?);
+        if g.len() != v.len() || p.len() != v.len() {
+            candle_core::bail!(
+                "sgd: velocity {}, gradient {} and parameter {} differ in size",
+                v.len(),
+                g.len(),
+                p.len()
+            );
+        }
+        let Self { momentum, weight_decay } = *self;
+        v.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(p.par_chunks(CHUNK))).for_each(|(v, (g, p))| {
+            for ((v, &g), &p) in v.iter_mut().zip(g).zip(p) {
+                let d = if weight_decay != 0.0 { g + p * weight_decay } else { g };
+                *v = *v * momentum + d;
+            }
+        });
+        Ok(())
+    }
+}
+
+/// `p ← p − rate·v` in place on the CPU (rounded as `p − (v · rate)`).
+struct Descend {
+    rate: f32,
+}
+
+impl InplaceOp2 for Descend {
+    fn name(&self) -> &'static str {
+        "sgd-descend"
+    }
+
+    fn cpu_fwd(&self, p: &mut CpuStorage, lp: &Layout, v: &CpuStorage, lv: &Layout) -> Result<()> {
+        let p = cpu_f32_mut(p, lp, "sgd parameter")?;
+        let v = cpu_f32(v, lv, "sgd velocity")?;
+        if v.len() != p.len() {
+            candle_core::bail!("sgd: parameter {} and velocity {} differ in size", p.len(), v.len());
+        }
+        let rate = self.rate;
+        p.par_chunks_mut(CHUNK).zip(v.par_chunks(CHUNK)).for_each(|(p, v)| {
+            p.iter_mut().zip(v).for_each(|(p, &v)| *p -= v * rate);
+        });
+        Ok(())
+    }
+}
+
+/// Elements per parallel task of the in-place updates.
+const CHUNK: usize = 1 << 14;
 
 /// `base · (1 − it / max_it)^power`, evaluated before each step (`adjust_learning_rate`).
 pub fn poly_lr(base: f64, iteration: usize, max_iterations: usize, power: f64) -> f64 {
@@ -147,7 +226,7 @@ impl LrSchedule {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{Device, Tensor};
 
     #[test]
     fn matches_torch_sgd_with_momentum_and_weight_decay() -> Result<()> {
@@ -163,6 +242,29 @@ mod tests {
         // step 2: d = 2.5p = [1.875, -3.75]; v = 0.9v + d = [4.125, -8.25] -> p = [0.3375, -0.675]
         let want = [0.3375f32, -0.675];
         assert!(got.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6), "{got:?}");
+        Ok(())
+    }
+
+    /// The CPU's in-place update gives the same bits as the tensor ops other devices run.
+    #[test]
+    fn the_in_place_update_rounds_as_the_tensor_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let p = Var::from_tensor(&Tensor::randn(0f32, 1.0, 40_000, &dev)?)?;
+        let cfg = SgdConfig { lr: 0.013, momentum: 0.9, weight_decay: 5e-4 };
+        let mut opt = Sgd::with_groups(vec![ParamGroup { var: p.clone(), lr_factor: 3.0, weight_decay: 5e-4 }], cfg)?;
+        let (mut want_p, mut want_v) = (p.as_tensor().copy()?, p.as_tensor().zeros_like()?);
+        for step in 0..3 {
+            let target = Tensor::randn(0f32, 1.0, 40_000, &dev)?;
+            let loss = (p.as_tensor() * &target)?.sum_all()?;
+            opt.backward_step(&loss)?;
+            // ∂loss/∂p = target.
+            let d = (&target + (&want_p * 5e-4)?)?;
+            want_v = ((&want_v * 0.9)? + d)?;
+            want_p = (&want_p - (&want_v * (0.013 * 3.0))?)?;
+            let (got, want) = (p.as_tensor().to_vec1::<f32>()?, want_p.to_vec1::<f32>()?);
+            let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+            assert_eq!(differ, 0, "step {step}: {differ} parameters differ");
+        }
         Ok(())
     }
 
