@@ -215,15 +215,43 @@ impl Lines for BatchMaps<'_> {
     }
 }
 
-/// `y = W · cols(x)` for a batch `x` `[B, C, H, W]` and `weight` `[C_out, C·k·k]`: one product
-/// over the whole batch (`[C_out, B·Ho·Wo]`), stored as `y` `[B, C_out, Ho, Wo]`.
-fn convolve(p: Patches, x: &[f32], weight: &[f32], c_out: usize) -> Vec<f32> {
+/// A kernel `[C_out, C, k, k]` flipped in both spatial axes with its channel axes swapped, as
+/// the `C` lines over depth `C_out·k·k` of the input gradient's convolution, packed straight
+/// from the kernel: entry `(c, (o, j))` is `w[o][c][k·k − 1 − j]`.
+struct FlippedKernel<'a> {
+    weight: &'a [f32],
+    channels: usize,
+    taps: usize,
+}
+
+impl Lines for FlippedKernel<'_> {
+    fn pack(&self, line0: usize, lines: usize, depth0: usize, kc: usize, width: usize, dst: &mut [f32]) {
+        let (c_all, kk) = (self.channels, self.taps);
+        for (q, panel) in dst[..lines.div_ceil(width) * width * kc].chunks_exact_mut(width * kc).enumerate() {
+            let (c0, n) = (line0 + q * width, width.min(lines - q * width));
+            if n < width {
+                panel.fill(0.0);
+            }
+            for (d, row) in (depth0..depth0 + kc).zip(panel.chunks_exact_mut(width)) {
+                let start = (d / kk * c_all + c0) * kk + kk - 1 - d % kk;
+                for (l, v) in row[..n].iter_mut().enumerate() {
+                    *v = self.weight[start + l * kk];
+                }
+            }
+        }
+    }
+}
+
+/// `y = W · cols(x)` for a batch `x` `[B, C, H, W]` and the kernel as `C_out` lines over the
+/// depth `C·k·k`: one product over the whole batch (`[C_out, B·Ho·Wo]`), stored as `y`
+/// `[B, C_out, Ho, Wo]`.
+fn convolve(p: Patches, x: &[f32], weight: &impl Lines, c_out: usize) -> Vec<f32> {
     let (oh, ow) = p.out_hw();
     let b = x.len() / (p.channels * p.h * p.w);
     let cols = Taps { p, images: x, taps_are_lines: false };
     let mut y = vec![0f32; c_out * b * oh * ow];
     let dest = Dest::batched(&mut y, c_out, oh * ow);
-    sgemm(c_out, b * oh * ow, p.rows(), &Mat::rows(weight, p.rows()), &cols, dest, false);
+    sgemm(c_out, b * oh * ow, p.rows(), weight, &cols, dest, false);
     y
 }
 
@@ -272,7 +300,7 @@ impl CustomOp2 for Conv {
         let (x, weight) = (cpu_f32(s1, l1, "conv2d")?, cpu_f32(s2, l2, "conv2d")?);
         let (b, c_out) = (l1.dims()[0], l2.dims()[0]);
         let (oh, ow) = p.out_hw();
-        Ok((CpuStorage::F32(convolve(p, x, weight, c_out)), Shape::from((b, c_out, oh, ow))))
+        Ok((CpuStorage::F32(convolve(p, x, &Mat::rows(weight, p.rows()), c_out)), Shape::from((b, c_out, oh, ow))))
     }
 
     fn bwd(
@@ -312,17 +340,7 @@ impl CustomOp2 for GradInput {
         let (oh, ow) = p.out_hw();
         let (k, image_len) = (p.kernel, p.channels * p.h * p.w);
         let dx = if let Some(flipped) = self.as_convolution(c_out) {
-            // [C, C_out, k, k], flipped in both spatial axes.
-            let mut w_t = vec![0f32; weight.len()];
-            for (o, filters) in weight.chunks_exact(p.rows()).enumerate() {
-                for (c, filter) in filters.chunks_exact(k * k).enumerate() {
-                    let dst = &mut w_t[(c * c_out + o) * k * k..][..k * k];
-                    for (d, v) in dst.iter_mut().zip(filter.iter().rev()) {
-                        *d = *v;
-                    }
-                }
-            }
-            convolve(flipped, grad, &w_t, p.channels)
+            convolve(flipped, grad, &FlippedKernel { weight, channels: p.channels, taps: k * k }, p.channels)
         } else {
             let mut dx = vec![0f32; b * image_len];
             let mut cols = vec![0f32; p.rows() * oh * ow];
