@@ -101,17 +101,27 @@ impl Taps<'_> {
         let (y_lo, y_hi, y0) = p.span(ky, p.h, oh);
         let (x_lo, x_hi, x0) = p.span(kx, p.w, ow);
         let mut out = Strided { dst, stride };
-        let (mut pos, end, mut q) = (pos0, pos0 + len, 0);
-        while pos < end {
-            let (n, r) = (pos / (oh * ow), pos % (oh * ow));
-            let plane = &self.images[(n * p.channels + c) * p.h * p.w..][..p.h * p.w];
-            // A plain 1x1 convolution reads the plane as it lies, across rows.
-            let run = if p.is_pointwise() { (oh * ow - r).min(end - pos) } else { (ow - r % ow).min(end - pos) };
-            if p.is_pointwise() {
+        let (plane_len, pointwise) = (p.h * p.w, p.is_pointwise());
+        // The first position by division, the rest by counting (a division per run of a 17-wide
+        // row cost about as much as copying it).
+        let (mut n, r) = (pos0 / (oh * ow), pos0 % (oh * ow));
+        let (mut oy, mut ox) = (r / ow, r % ow);
+        let mut q = 0;
+        while q < len {
+            let plane = &self.images[(n * p.channels + c) * plane_len..][..plane_len];
+            if pointwise {
+                // A plain 1x1 convolution reads the plane as it lies, across rows.
+                let r = oy * ow + ox;
+                let run = (oh * ow - r).min(len - q);
                 out.copy(q, &plane[r..r + run]);
-            } else if (y_lo..y_hi).contains(&(r / ow)) {
-                let row = &plane[p.at(y0, r / ow) * p.w..][..p.w];
-                let (ox_start, ox_end) = (r % ow, r % ow + run);
+                q += run;
+                (n, oy, ox) = (n + 1, 0, 0);
+                continue;
+            }
+            let run = (ow - ox).min(len - q);
+            if (y_lo..y_hi).contains(&oy) {
+                let row = &plane[p.at(y0, oy) * p.w..][..p.w];
+                let (ox_start, ox_end) = (ox, ox + run);
                 let lo = x_lo.clamp(ox_start, ox_end);
                 let hi = x_hi.clamp(lo, ox_end);
                 out.zero(q, lo - ox_start);
@@ -124,8 +134,11 @@ impl Taps<'_> {
             } else {
                 out.zero(q, run);
             }
-            pos += run;
             q += run;
+            (oy, ox) = (oy + 1, 0);
+            if oy == oh {
+                (n, oy) = (n + 1, 0);
+            }
         }
     }
 }
