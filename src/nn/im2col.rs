@@ -389,25 +389,14 @@ impl CustomOp2 for GradWeight {
         let (x, grad) = (cpu_f32(s1, l1, "conv2d grad")?, cpu_f32(s2, l2, "conv2d grad")?);
         let c_out = l2.dims()[1];
         let (oh, ow) = p.out_hw();
-        // As `∂Wᵀ = cols · gᵀ` over the whole batch: both operands run along the depth B·Ho·Wo,
-        // the patches are packed across taps (straight from the images), `g` is C·k·k times
-        // smaller than they are, and C·k·k and C_out fill whole micro-tiles.
+        // `∂W = g · cols(x)ᵀ` as one product over the whole batch: both operands run along the
+        // depth B·Ho·Wo, `g` read in place, the patches packed across taps straight from the
+        // images, and `∂W` written as it is stored.
         let b = x.len() / (p.channels * p.h * p.w);
         let g = BatchMaps { data: grad, maps: c_out, size: oh * ow };
         let cols = Taps { p, images: x, taps_are_lines: true };
-        let mut dw_t = vec![0f32; p.rows() * c_out];
-        sgemm(p.rows(), c_out, b * oh * ow, &cols, &g, Dest::rows(&mut dw_t, c_out), false);
         let mut dw = vec![0f32; c_out * p.rows()];
-        // The transpose in 32x32 blocks, each read and written within the cache.
-        for r0 in (0..p.rows()).step_by(32) {
-            for o0 in (0..c_out).step_by(32) {
-                for r in r0..(r0 + 32).min(p.rows()) {
-                    for o in o0..(o0 + 32).min(c_out) {
-                        dw[o * p.rows() + r] = dw_t[r * c_out + o];
-                    }
-                }
-            }
-        }
+        sgemm(c_out, p.rows(), b * oh * ow, &g, &cols, Dest::rows(&mut dw, p.rows()), false);
         Ok((CpuStorage::F32(dw), Shape::from((c_out, p.channels, p.kernel, p.kernel))))
     }
 
