@@ -474,7 +474,8 @@ mod tests {
     /// Every micro-kernel this CPU runs against a naive product, on shapes with partial tiles,
     /// several depth, row and column blocks, both line layouts, a row stride wider than the row,
     /// `C` in blocks of columns (narrower and wider than a tile, with gaps between them), and
-    /// accumulation; entries outside `C` stay as they were.
+    /// accumulation; entries outside `C` stay as they were. The products run one after another
+    /// on the same threads, so each reuses packing buffers holding the previous one's values.
     #[test]
     fn equals_a_naive_product() {
         let mut tiles: Vec<(&str, Tile)> = vec![("portable", tile_portable)];
