@@ -4,10 +4,9 @@
 //! (`im2col::Taps`), packed straight from the image, so no patch matrix is ever stored.
 //!
 //! Candle's CPU matmul (the `gemm` crate on stable Rust) uses AVX2 kernels: about 40 GFLOP/s on
-//! two cores here. The micro-kernel here is 14x32 on AVX-512 (`examples/sgemm_rate.rs`: 149–238
-//! GFLOP/s on 1024³ as the machine's speed drifts; numpy's OpenBLAS 212 in a minute where this
-//! made 196, PyTorch's matmul 1.2–1.5x this in the same minutes); CPUs without AVX-512 run a
-//! portable one.
+//! two cores here. The micro-kernel here is 14x32 on AVX-512 (`examples/sgemm_rate.rs`: 195–233
+//! GFLOP/s on 1024³ as the machine's speed drifts; PyTorch's matmul 1.0–1.45x this in the same
+//! minutes); CPUs without AVX-512 run a portable one.
 
 use rayon::prelude::*;
 
