@@ -93,14 +93,13 @@ struct Taps<'a> {
 }
 
 impl Taps<'_> {
-    /// `dst[q · stride] = cols[tap][pos0 + q]` for `q < len`.
-    fn gather(&self, tap: usize, pos0: usize, len: usize, dst: &mut [f32], stride: usize) {
+    /// `dst[q] = cols[tap][pos0 + q]` for `q < len`.
+    fn gather(&self, tap: usize, pos0: usize, len: usize, dst: &mut [f32]) {
         let p = &self.p;
         let (k, (oh, ow)) = (p.kernel, p.out_hw());
         let (c, ky, kx) = (tap / (k * k), tap / k % k, tap % k);
         let (y_lo, y_hi, y0) = p.span(ky, p.h, oh);
         let (x_lo, x_hi, x0) = p.span(kx, p.w, ow);
-        let mut out = Strided { dst, stride };
         let (plane_len, pointwise) = (p.h * p.w, p.is_pointwise());
         // The first position by division, the rest by counting (a division per run of a 17-wide
         // row cost about as much as copying it).
@@ -113,7 +112,7 @@ impl Taps<'_> {
                 // A plain 1x1 convolution reads the plane as it lies, across rows.
                 let r = oy * ow + ox;
                 let run = (oh * ow - r).min(len - q);
-                out.copy(q, &plane[r..r + run]);
+                dst[q..q + run].copy_from_slice(&plane[r..r + run]);
                 q += run;
                 (n, oy, ox) = (n + 1, 0, 0);
                 continue;
@@ -124,45 +123,22 @@ impl Taps<'_> {
                 let (ox_start, ox_end) = (ox, ox + run);
                 let lo = x_lo.clamp(ox_start, ox_end);
                 let hi = x_hi.clamp(lo, ox_end);
-                out.zero(q, lo - ox_start);
-                out.zero(q + hi - ox_start, ox_end - hi);
+                let dst = &mut dst[q..q + run];
+                dst[..lo - ox_start].fill(0.0);
+                dst[hi - ox_start..].fill(0.0);
                 if p.stride == 1 && hi > lo {
-                    out.copy(q + lo - ox_start, &row[p.at(x0, lo)..][..hi - lo]);
+                    dst[lo - ox_start..hi - ox_start].copy_from_slice(&row[p.at(x0, lo)..][..hi - lo]);
                 } else {
-                    (lo..hi).for_each(|ox| out.dst[(q + ox - ox_start) * stride] = row[p.at(x0, ox)]);
+                    (lo..hi).for_each(|ox| dst[ox - ox_start] = row[p.at(x0, ox)]);
                 }
             } else {
-                out.zero(q, run);
+                dst[q..q + run].fill(0.0);
             }
             q += run;
             (oy, ox) = (oy + 1, 0);
             if oy == oh {
                 (n, oy) = (n + 1, 0);
             }
-        }
-    }
-}
-
-/// A destination written every `stride` entries (contiguously, as slices, for stride 1).
-struct Strided<'a> {
-    dst: &'a mut [f32],
-    stride: usize,
-}
-
-impl Strided<'_> {
-    fn copy(&mut self, q: usize, src: &[f32]) {
-        if self.stride == 1 {
-            self.dst[q..q + src.len()].copy_from_slice(src);
-        } else {
-            src.iter().enumerate().for_each(|(i, &v)| self.dst[(q + i) * self.stride] = v);
-        }
-    }
-
-    fn zero(&mut self, q: usize, len: usize) {
-        if self.stride == 1 {
-            self.dst[q..q + len].fill(0.0);
-        } else {
-            (q..q + len).for_each(|i| self.dst[i * self.stride] = 0.0);
         }
     }
 }
@@ -181,7 +157,7 @@ impl Lines for Taps<'_> {
             for (q, panel) in dst.chunks_exact_mut(width * kc).enumerate() {
                 let n = width.min(lines - q * width);
                 for (l, tap) in taps.chunks_exact_mut(kc).take(n).enumerate() {
-                    self.gather(line0 + q * width + l, depth0, kc, tap, 1);
+                    self.gather(line0 + q * width + l, depth0, kc, tap);
                 }
                 for (p, row) in panel.chunks_exact_mut(width).enumerate() {
                     for (l, v) in row[..n].iter_mut().enumerate() {
@@ -193,7 +169,7 @@ impl Lines for Taps<'_> {
             // One tap's positions at a time, gathered whole, then cut into the panels.
             let mut run = vec![0f32; lines];
             for d in 0..kc {
-                self.gather(depth0 + d, line0, lines, &mut run, 1);
+                self.gather(depth0 + d, line0, lines, &mut run);
                 for (q, part) in run.chunks(width).enumerate() {
                     dst[(q * kc + d) * width..][..part.len()].copy_from_slice(part);
                 }
