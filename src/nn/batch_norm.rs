@@ -4,8 +4,9 @@
 //! two means, subtract, square, divide, scale, shift, a transpose back that the next convolution
 //! copies again) and more backward. Here a normalisation is three passes over the map forward
 //! (per-channel mean, variance, then the normalised, scaled, shifted and activated output) and
-//! two backward (per-channel sums of the gradient, then the input gradient). Elsewhere (CUDA, other dtypes) Candle's own BatchNorm runs. The
-//! fused backward is first-order only: a network differentiated twice (the critic) uses Candle's.
+//! two backward (per-channel sums of the gradient, then the input gradient). Elsewhere (CUDA,
+//! other dtypes) Candle's own BatchNorm runs. The fused backward is first-order only: a network
+//! differentiated twice (the critic) uses Candle's.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, ModuleT, Result, Shape, Tensor, Var};
 use candle_nn::{BatchNormConfig, VarBuilder};

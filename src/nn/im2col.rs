@@ -11,7 +11,7 @@
 //! WGAN-GP penalty included) is one of them again.
 
 use super::cpu_f32;
-use super::sgemm::{Dest, Lines, Mat, sgemm};
+use super::sgemm::{Dest, Lines, Mat, pack_strided, sgemm};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -188,19 +188,9 @@ struct BatchMaps<'a> {
 
 impl Lines for BatchMaps<'_> {
     fn pack(&self, line0: usize, lines: usize, depth0: usize, kc: usize, width: usize, dst: &mut [f32]) {
-        for (q, panel) in dst[..lines.div_ceil(width) * width * kc].chunks_exact_mut(width * kc).enumerate() {
-            let (line0, n) = (line0 + q * width, width.min(lines - q * width));
-            if n < width {
-                panel.fill(0.0);
-            }
-            // Along the depth, a map is contiguous within each image: `n` streams read along.
-            for (d, row) in (depth0..depth0 + kc).zip(panel.chunks_exact_mut(width)) {
-                let start = (d / self.size * self.maps + line0) * self.size + d % self.size;
-                for (l, v) in row[..n].iter_mut().enumerate() {
-                    *v = self.data[start + l * self.size];
-                }
-            }
-        }
+        let (maps, size) = (self.maps, self.size);
+        let start = |m: usize, d: usize| (d / size * maps + m) * size + d % size;
+        pack_strided(self.data, size, start, (line0, lines, depth0, kc, width), dst);
     }
 }
 
@@ -215,19 +205,9 @@ struct FlippedKernel<'a> {
 
 impl Lines for FlippedKernel<'_> {
     fn pack(&self, line0: usize, lines: usize, depth0: usize, kc: usize, width: usize, dst: &mut [f32]) {
-        let (c_all, kk) = (self.channels, self.taps);
-        for (q, panel) in dst[..lines.div_ceil(width) * width * kc].chunks_exact_mut(width * kc).enumerate() {
-            let (c0, n) = (line0 + q * width, width.min(lines - q * width));
-            if n < width {
-                panel.fill(0.0);
-            }
-            for (d, row) in (depth0..depth0 + kc).zip(panel.chunks_exact_mut(width)) {
-                let start = (d / kk * c_all + c0) * kk + kk - 1 - d % kk;
-                for (l, v) in row[..n].iter_mut().enumerate() {
-                    *v = self.weight[start + l * kk];
-                }
-            }
-        }
+        let (channels, kk) = (self.channels, self.taps);
+        let start = |c: usize, d: usize| (d / kk * channels + c) * kk + kk - 1 - d % kk;
+        pack_strided(self.weight, kk, start, (line0, lines, depth0, kc, width), dst);
     }
 }
 
@@ -240,7 +220,7 @@ fn convolve(p: Patches, x: &[f32], weight: &impl Lines, c_out: usize) -> Vec<f32
     let cols = Taps { p, images: x, taps_are_lines: false };
     let mut y = vec![0f32; c_out * b * oh * ow];
     let dest = Dest::batched(&mut y, c_out, oh * ow);
-    sgemm(c_out, b * oh * ow, p.rows(), weight, &cols, dest, false);
+    sgemm(c_out, b * oh * ow, p.rows(), weight, &cols, dest);
     y
 }
 
@@ -254,7 +234,7 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize, dilati
         candle_core::bail!("conv2d: input {:?} and weight {:?} do not fit", x.dims(), weight.dims());
     }
     let p = Patches { kernel: k, stride, padding, dilation, channels: c, h, w };
-    x.contiguous()?.apply_op2(&weight.contiguous()?, Conv(p))
+    apply(x, weight, Conv(p))
 }
 
 /// `(x, W) -> y`: the convolution.
@@ -335,7 +315,7 @@ impl CustomOp2 for GradInput {
             let mut cols = vec![0f32; p.rows() * oh * ow];
             let w_t = Mat::columns(weight, p.rows());
             for (g, image) in grad.chunks_exact(c_out * oh * ow).zip(dx.chunks_exact_mut(image_len)) {
-                sgemm(p.rows(), oh * ow, c_out, &w_t, &Mat::columns(g, oh * ow), Dest::rows(&mut cols, oh * ow), false);
+                sgemm(p.rows(), oh * ow, c_out, &w_t, &Mat::columns(g, oh * ow), Dest::rows(&mut cols, oh * ow));
                 p.col2im(&cols, image);
             }
             dx
@@ -372,7 +352,7 @@ impl CustomOp2 for GradWeight {
         let g = BatchMaps { data: grad, maps: c_out, size: oh * ow };
         let cols = Taps { p, images: x, taps_are_lines: true };
         let mut dw = vec![0f32; c_out * p.rows()];
-        sgemm(c_out, p.rows(), b * oh * ow, &g, &cols, Dest::rows(&mut dw, p.rows()), false);
+        sgemm(c_out, p.rows(), b * oh * ow, &g, &cols, Dest::rows(&mut dw, p.rows()));
         Ok((CpuStorage::F32(dw), Shape::from((c_out, p.channels, p.kernel, p.kernel))))
     }
 

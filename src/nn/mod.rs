@@ -39,7 +39,7 @@ pub(crate) fn cpu_f32_mut<'a>(
     op: &str,
 ) -> candle_core::Result<&'a mut [f32]> {
     let candle_core::CpuStorage::F32(data) = storage else { candle_core::bail!("{op}: f32 only") };
-    let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("{op}: needs a contiguous input") };
+    let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("{op}: needs a contiguous output") };
     Ok(&mut data[start..end])
 }
 

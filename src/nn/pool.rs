@@ -79,8 +79,6 @@ fn pad_neg_inf(x: &Tensor, dim: usize, before: usize, after: usize) -> Result<Te
 impl Module for MaxPool2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
-            let (_, _, h, w) = x.dims4()?;
-            self.output_hw(h, w)?;
             return x.contiguous()?.apply_op1(*self);
         }
         self.forward_views(x)
@@ -127,8 +125,8 @@ impl MaxPool2d {
         windows.contiguous()?.gather(&first_max, D::Minus1)?.squeeze(D::Minus1)
     }
 
-    /// For each `(image, channel)` plane of a contiguous `[B, C, H, W]` map, calls
-    /// `f(plane index, output index, input index of the window's first maximum)`.
+    /// For one `H x W` plane, calls `f(output index, input index of the window's first maximum)`
+    /// for every window.
     fn for_each_window(&self, x: &[f32], (h, w): (usize, usize), mut f: impl FnMut(usize, usize)) -> Result<()> {
         let (oh, ow) = self.output_hw(h, w)?;
         let ((kh, kw), (sh, sw), (ph, pw)) = (self.kernel, self.stride, self.padding);

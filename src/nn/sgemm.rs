@@ -11,7 +11,8 @@
 use rayon::prelude::*;
 
 /// Micro-tile: 14 rows by 32 columns (two 16-lane registers), 28 accumulators: with the two B
-/// loads and a broadcast, 31 of the 32 vector registers (3–10% faster than 12 rows here).
+/// loads and a broadcast, 31 of the 32 vector registers (a 128² training step 3–7% faster than
+/// with 12 rows, alternating runs).
 const MR: usize = 14;
 const NR: usize = 32;
 /// Depth of a packed block: a 14x256 slice of A (14 KiB) stays in L1 across the B panels.
@@ -52,25 +53,31 @@ impl<'a> Mat<'a> {
 
 impl Lines for Mat<'_> {
     fn pack(&self, line0: usize, lines: usize, depth0: usize, kc: usize, width: usize, dst: &mut [f32]) {
-        for (q, l0) in (0..lines).step_by(width).enumerate() {
-            let (dst, line0, lines) = (&mut dst[q * width * kc..][..width * kc], line0 + l0, width.min(lines - l0));
-            if lines < width {
-                dst.fill(0.0);
-            }
-            // Read along whichever dimension is contiguous.
-            if self.ls == 1 {
-                for (p, row) in dst.chunks_exact_mut(width).enumerate() {
-                    let start = (depth0 + p) * self.ps + line0;
-                    row[..lines].copy_from_slice(&self.data[start..start + lines]);
-                }
+        pack_strided(self.data, self.ls, |l, p| l * self.ls + p * self.ps, (line0, lines, depth0, kc, width), dst);
+    }
+}
+
+/// [`Lines::pack`] for an operand whose lines lie `line_stride` apart at every depth: entry
+/// `(l + i, p)` is `data[start(l, p) + i · line_stride]`. Each panel is written in order, its
+/// lines read as `width` streams (one contiguous copy per depth step when `line_stride` is 1).
+pub(crate) fn pack_strided(
+    data: &[f32],
+    line_stride: usize,
+    start: impl Fn(usize, usize) -> usize,
+    (line0, lines, depth0, kc, width): (usize, usize, usize, usize, usize),
+    dst: &mut [f32],
+) {
+    for (q, panel) in dst[..lines.div_ceil(width) * width * kc].chunks_exact_mut(width * kc).enumerate() {
+        let (first, n) = (line0 + q * width, width.min(lines - q * width));
+        if n < width {
+            panel.fill(0.0);
+        }
+        for (p, row) in (depth0..depth0 + kc).zip(panel.chunks_exact_mut(width)) {
+            let s = start(first, p);
+            if line_stride == 1 {
+                row[..n].copy_from_slice(&data[s..s + n]);
             } else {
-                // A transpose: the panel is written in order, `lines` streams read along.
-                let base = line0 * self.ls + depth0 * self.ps;
-                for (p, row) in dst.chunks_exact_mut(width).enumerate() {
-                    for (l, v) in row[..lines].iter_mut().enumerate() {
-                        *v = self.data[base + l * self.ls + p * self.ps];
-                    }
-                }
+                row[..n].iter_mut().enumerate().for_each(|(i, v)| *v = data[s + i * line_stride]);
             }
         }
     }
@@ -99,10 +106,9 @@ impl<'a> Dest<'a> {
     }
 }
 
-/// `C[i][j] = Σ_p a(i, p) · b(j, p)` (plus the old `C` when `accumulate`) for `a` `m x k`, `b`
-/// `n x k`, `C` `m x n` where `c` says.
-pub fn sgemm(m: usize, n: usize, k: usize, a: &impl Lines, b: &impl Lines, c: Dest, accumulate: bool) {
-    sgemm_with(best_tile(), m, n, k, a, b, c, accumulate)
+/// `C[i][j] = Σ_p a(i, p) · b(j, p)` for `a` `m x k`, `b` `n x k`, `C` `m x n` where `c` says.
+pub fn sgemm(m: usize, n: usize, k: usize, a: &impl Lines, b: &impl Lines, c: Dest) {
+    sgemm_with(best_tile(), m, n, k, a, b, c)
 }
 
 /// A micro-kernel: `C[..rows, ..cols] (+)= A_panel · B_panelᵀ` over depth `kc` (see [`tile_avx512`]).
@@ -249,8 +255,7 @@ fn pack_all(operand: &impl Lines, lines: usize, k: usize, width: usize) -> (Pane
     (packed, padded_lines)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn sgemm_with<A: Lines, B: Lines>(tile: Tile, m: usize, n: usize, k: usize, a: &A, b: &B, c: Dest, accumulate: bool) {
+fn sgemm_with<A: Lines, B: Lines>(tile: Tile, m: usize, n: usize, k: usize, a: &A, b: &B, c: Dest) {
     if m == 0 || n == 0 {
         return;
     }
@@ -258,9 +263,9 @@ fn sgemm_with<A: Lines, B: Lines>(tile: Tile, m: usize, n: usize, k: usize, a: &
     let last = (n - 1) / block * block_stride + (m - 1) * ldc + (n - 1) % block;
     assert!(last < data.len(), "sgemm: C ({m}x{n}, {ldc}/{block}/{block_stride}) out of bounds");
     let out = Out { ptr: data.as_mut_ptr(), ldc, block, block_stride };
-    // Below ~64³ multiply-adds a split costs more than it saves.
     // A few parts per thread, taken as threads come free: a core that another process or a
     // page fault slows down then holds up the product by a small part rather than half of it.
+    // Below ~64³ multiply-adds a split costs more than it saves.
     let parts = if m * n * k < 1 << 18 { 1 } else { PARTS_PER_THREAD * rayon::current_num_threads() };
     // Split the dimension with more micro-tiles; the other operand is packed once, shared.
     let (tiles_m, tiles_n) = (m.div_ceil(MR), n.div_ceil(NR));
@@ -278,10 +283,10 @@ fn sgemm_with<A: Lines, B: Lines>(tile: Tile, m: usize, n: usize, k: usize, a: &
         unsafe {
             if split_n {
                 let a: Side<A> = Side::Packed { panels: packed.as_slice(), padded_lines };
-                blocked(tile, 0..m, first * NR..(end * NR).min(n), k, &a, &Side::Lazy(b), out, accumulate);
+                blocked(tile, 0..m, first * NR..(end * NR).min(n), k, &a, &Side::Lazy(b), out);
             } else {
                 let b: Side<B> = Side::Packed { panels: packed.as_slice(), padded_lines };
-                blocked(tile, first * MR..(end * MR).min(m), 0..n, k, &Side::Lazy(a), &b, out, accumulate);
+                blocked(tile, first * MR..(end * MR).min(m), 0..n, k, &Side::Lazy(a), &b, out);
             }
         }
     });
@@ -289,7 +294,6 @@ fn sgemm_with<A: Lines, B: Lines>(tile: Tile, m: usize, n: usize, k: usize, a: &
 
 /// The sequential BLIS loop nest over `C[rows, cols]`: B blocks `KC x NC`, A blocks `MC x KC`,
 /// micro-tiles.
-#[allow(clippy::too_many_arguments)]
 unsafe fn blocked<A: Lines, B: Lines>(
     tile: Tile,
     rows: std::ops::Range<usize>,
@@ -298,7 +302,6 @@ unsafe fn blocked<A: Lines, B: Lines>(
     a: &Side<A>,
     b: &Side<B>,
     c: Out,
-    accumulate: bool,
 ) {
     // Scratch for the lazily packed side, no larger than its biggest block.
     let scratch = |lazy: bool, block: usize, lines: usize, width: usize| {
@@ -312,12 +315,13 @@ unsafe fn blocked<A: Lines, B: Lines>(
             let kc = KC.min(k - pc);
             let b_block = b.block(jc, nc, pc, kc, NR, b_scratch.as_mut_slice());
             // Later depth blocks add to what the first one wrote.
-            let add = accumulate || pc > 0;
+            let add = pc > 0;
             for ic in rows.clone().step_by(MC) {
                 let mc = MC.min(rows.end - ic);
                 let a_block = a.block(ic, mc, pc, kc, MR, a_scratch.as_mut_slice());
                 // An A micro-panel (14 KiB) stays in L1 while B's panels stream past it from L2
-                // (prefetched by the micro-kernel); measured 5–10% faster than the other order.
+                // (prefetched by the micro-kernel); 1–9% faster than the other order, both
+                // prefetching (interleaved in one process).
                 for ir in (0..mc).step_by(MR) {
                     for jr in (0..nc).step_by(NR) {
                         let (i, j, extent) = (ic + ir, jc + jr, (MR.min(mc - ir), NR.min(nc - jr)));
@@ -382,8 +386,8 @@ unsafe fn tile_portable(
 
 /// The AVX-512 micro-kernel: per depth step, two 16-lane loads of the B panel, fourteen
 /// broadcasts of the A panel, 28 fused multiply-adds into registers. The rows of `C` it ends on
-/// and the panels `PREFETCH` steps ahead are prefetched (10–15% on the networks' shapes,
-/// measured interleaved in one process against the same kernel without).
+/// and the panels `PREFETCH` steps ahead are prefetched (with the loop order of `blocked`, 8–16%
+/// on the networks' shapes, measured interleaved in one process against neither).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn tile_avx512(
@@ -472,8 +476,8 @@ mod tests {
 
     /// Every micro-kernel this CPU runs against a naive product, on shapes with partial tiles,
     /// several depth, row and column blocks, both line layouts, a row stride wider than the row,
-    /// `C` in blocks of columns (narrower and wider than a tile, with gaps between them), and
-    /// accumulation; entries outside `C` stay as they were. The products run one after another
+    /// `C` in blocks of columns (narrower and wider than a tile, with gaps between them); entries
+    /// outside `C` stay as they were. The products run one after another
     /// on the same threads, so each reuses packing buffers holding the previous one's values.
     #[test]
     fn equals_a_naive_product() {
@@ -494,24 +498,19 @@ mod tests {
                     {
                         let index = |i: usize, j: usize| j / block * block_stride + i * ldc + j % block;
                         let start = values(index(m - 1, n - 1) + 4, 3);
-                        for accumulate in [false, true] {
-                            let mut c = start.clone();
-                            let dest = Dest { data: &mut c, ldc, block, block_stride };
-                            sgemm_with(tile, m, n, k, &a, &b, dest, accumulate);
-                            let mut want: Vec<f64> = start.iter().map(|&v| v as f64).collect();
-                            for i in 0..m {
-                                for j in 0..n {
-                                    let product = (0..k).map(|p| at(i, p, &a) * at(j, p, &b)).sum::<f64>();
-                                    let w = &mut want[index(i, j)];
-                                    *w = product + if accumulate { *w } else { 0.0 };
-                                }
+                        let mut c = start.clone();
+                        sgemm_with(tile, m, n, k, &a, &b, Dest { data: &mut c, ldc, block, block_stride });
+                        let mut want: Vec<f64> = start.iter().map(|&v| v as f64).collect();
+                        for i in 0..m {
+                            for j in 0..n {
+                                want[index(i, j)] = (0..k).map(|p| at(i, p, &a) * at(j, p, &b)).sum::<f64>();
                             }
-                            for (e, (&got, &want)) in c.iter().zip(&want).enumerate() {
-                                assert!(
-                                    (got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()) * (k as f64).sqrt(),
-                                    "{name} {m}x{n}x{k} a_cols {a_cols} b_cols {b_cols} block {block} acc {accumulate} at {e}: {got} vs {want}"
-                                );
-                            }
+                        }
+                        for (e, (&got, &want)) in c.iter().zip(&want).enumerate() {
+                            assert!(
+                                (got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()) * (k as f64).sqrt(),
+                                "{name} {m}x{n}x{k} a_cols {a_cols} b_cols {b_cols} block {block} at {e}: {got} vs {want}"
+                            );
                         }
                     }
                 }
