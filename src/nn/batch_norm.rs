@@ -8,6 +8,7 @@
 //! other dtypes) Candle's own BatchNorm runs. The fused backward is first-order only: a network
 //! differentiated twice (the critic) uses Candle's.
 
+use super::par_collect;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, ModuleT, Result, Shape, Tensor, Var};
 use candle_nn::{BatchNormConfig, VarBuilder};
 use rayon::prelude::*;
@@ -186,14 +187,11 @@ impl CustomOp3 for Normalize {
             let invstd = var.iter().map(|&v| (1.0 / (v as f64 + self.eps).sqrt()) as f32).collect();
             *stats = ChannelStats { mean, invstd, var };
         }
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(|(i, (dst, src))| {
+        let y = par_collect(x.len(), plane, |i| {
             let ch = i % c;
             let scale = weight[ch] * stats.invstd[ch];
             let shift = bias[ch] - stats.mean[ch] * scale;
-            for (d, &v) in dst.iter_mut().zip(src) {
-                *d = self.act.apply(v * scale + shift);
-            }
+            x[i * plane..][..plane].iter().map(move |&v| self.act.apply(v * scale + shift))
         });
         Ok((CpuStorage::F32(y), Shape::from(l1.dims())))
     }
@@ -274,18 +272,18 @@ impl CustomOp3 for NormalizeGrad {
             })
             .unzip();
         let n = (b * plane) as f32;
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(plane).enumerate().for_each(|(i, dst)| {
+        let dx = par_collect(x.len(), plane, |i| {
             let ch = i % c;
             let (xs, ys, gs) = (&x[i * plane..][..plane], &y[i * plane..][..plane], &grad[i * plane..][..plane]);
             let scale = self.weight[ch] * invstd[ch];
             // Training mode: the batch mean and variance depend on x too.
             let (g_mean, gx_mean) = if self.batch_stats { (sum_g[ch] / n, sum_gx[ch] / n) } else { (0.0, 0.0) };
-            for (((d, &xv), &yv), &gv) in dst.iter_mut().zip(xs).zip(ys).zip(gs) {
+            let (mean, invstd) = (mean[ch], invstd[ch]);
+            xs.iter().zip(ys).zip(gs).map(move |((&xv, &yv), &gv)| {
                 let g = gv * self.act.derivative_at_output(yv);
-                let x_hat = (xv - mean[ch]) * invstd[ch];
-                *d = scale * (g - g_mean - x_hat * gx_mean);
-            }
+                let x_hat = (xv - mean) * invstd;
+                scale * (g - g_mean - x_hat * gx_mean)
+            })
         });
         *self.sums.lock().expect("sums") = GradSums { grad: sum_g, grad_x_hat: sum_gx };
         Ok((CpuStorage::F32(dx), Shape::from(l1.dims())))

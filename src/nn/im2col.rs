@@ -11,7 +11,7 @@
 //! WGAN-GP penalty included) is one of them again.
 
 use super::cpu_f32;
-use super::sgemm::{Dest, Lines, Mat, pack_strided, sgemm};
+use super::sgemm::{Dest, Lines, Mat, pack_strided, sgemm, sgemm_new};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -218,10 +218,7 @@ fn convolve(p: Patches, x: &[f32], weight: &impl Lines, c_out: usize) -> Vec<f32
     let (oh, ow) = p.out_hw();
     let b = x.len() / (p.channels * p.h * p.w);
     let cols = Taps { p, images: x, taps_are_lines: false };
-    let mut y = vec![0f32; c_out * b * oh * ow];
-    let dest = Dest::batched(&mut y, c_out, oh * ow);
-    sgemm(c_out, b * oh * ow, p.rows(), weight, &cols, dest);
-    y
+    sgemm_new(c_out, b * oh * ow, p.rows(), weight, &cols, |y| Dest::batched_uninit(y, c_out, oh * ow))
 }
 
 /// `conv2d(x, weight)` (no bias) for f32 on the CPU: `x` `[B, C, H, W]`, `weight`
@@ -351,8 +348,7 @@ impl CustomOp2 for GradWeight {
         let b = x.len() / (p.channels * p.h * p.w);
         let g = BatchMaps { data: grad, maps: c_out, size: oh * ow };
         let cols = Taps { p, images: x, taps_are_lines: true };
-        let mut dw = vec![0f32; c_out * p.rows()];
-        sgemm(c_out, p.rows(), b * oh * ow, &g, &cols, Dest::rows(&mut dw, p.rows()));
+        let dw = sgemm_new(c_out, p.rows(), b * oh * ow, &g, &cols, |dw| Dest::rows_uninit(dw, p.rows()));
         Ok((CpuStorage::F32(dw), Shape::from((c_out, p.channels, p.kernel, p.kernel))))
     }
 

@@ -43,6 +43,30 @@ pub(crate) fn cpu_f32_mut<'a>(
     Ok(&mut data[start..end])
 }
 
+/// A new vector of `len` floats built in parallel, chunk `i` (of `chunk` floats, the last may be
+/// shorter) from `values(i)`, which must yield exactly that many. Nothing is zeroed first: on
+/// the CPU a zero pass is serial and as long as the op's own.
+pub(crate) fn par_collect<I: Iterator<Item = f32>>(
+    len: usize,
+    chunk: usize,
+    values: impl Fn(usize) -> I + Sync + Send,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut out = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len].par_chunks_mut(chunk.max(1)).enumerate().for_each(|(i, dst)| {
+        let mut written = 0;
+        for (d, v) in dst.iter_mut().zip(values(i)) {
+            d.write(v);
+            written += 1;
+        }
+        assert_eq!(written, dst.len(), "par_collect: chunk {i} got {written} of {} values", dst.len());
+    });
+    // SAFETY: every chunk of the first `len` floats was written in full (asserted above; a panic
+    // there propagates before this line).
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// Whether a state-dict key names a buffer (state that is saved but never trained): BatchNorm
 /// running statistics and the spectral-norm power-iteration vectors.
 pub fn is_buffer(key: &str) -> bool {

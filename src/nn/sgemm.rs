@@ -9,6 +9,7 @@
 //! minutes); CPUs without AVX-512 run a portable one.
 
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Micro-tile: 14 rows by 32 columns (two 16-lane registers), 28 accumulators: with the two B
 /// loads and a broadcast, 31 of the 32 vector registers (a 128² training step 3–7% faster than
@@ -86,29 +87,83 @@ pub(crate) fn pack_strided(
 /// Where the product `C` (`m x n`) goes: entry `(i, j)` at
 /// `data[(j / block) · block_stride + i · ldc + j % block]`. Plain rows have one block; a
 /// product over a batch's positions lands as `[B, m, positions]` with no copy afterwards.
+/// The product only ever writes finished values into `data`, so it may start uninitialised.
 #[derive(Debug)]
 pub struct Dest<'a> {
-    pub data: &'a mut [f32],
-    pub ldc: usize,
-    pub block: usize,
-    pub block_stride: usize,
+    data: &'a mut [MaybeUninit<f32>],
+    ldc: usize,
+    block: usize,
+    block_stride: usize,
 }
 
 impl<'a> Dest<'a> {
     /// A row-major `C` with row stride `ldc`.
     pub fn rows(data: &'a mut [f32], ldc: usize) -> Self {
-        Self { data, ldc, block: usize::MAX, block_stride: 0 }
+        Self::rows_uninit(as_uninit(data), ldc)
     }
 
     /// `C`'s columns as `(image, position)` pairs, stored `[B, m, positions]`.
     pub fn batched(data: &'a mut [f32], m: usize, positions: usize) -> Self {
+        Self::batched_uninit(as_uninit(data), m, positions)
+    }
+
+    /// [`Dest::rows`] over memory not yet written.
+    pub fn rows_uninit(data: &'a mut [MaybeUninit<f32>], ldc: usize) -> Self {
+        Self { data, ldc, block: usize::MAX, block_stride: 0 }
+    }
+
+    /// [`Dest::batched`] over memory not yet written.
+    pub fn batched_uninit(data: &'a mut [MaybeUninit<f32>], m: usize, positions: usize) -> Self {
         Self { data, ldc: positions, block: positions, block_stride: m * positions }
     }
+
+    /// Whether an `m x n` `C` fills `data[..m · n]` with no gaps.
+    fn is_dense(&self, m: usize, n: usize) -> bool {
+        if self.block >= n {
+            self.ldc == n
+        } else {
+            self.ldc == self.block && self.block_stride == m * self.block && n.is_multiple_of(self.block)
+        }
+    }
+}
+
+fn as_uninit(data: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: same layout; the product writes only initialised values (see `Dest`), so `data`
+    // stays initialised.
+    unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr().cast(), data.len()) }
 }
 
 /// `C[i][j] = Σ_p a(i, p) · b(j, p)` for `a` `m x k`, `b` `n x k`, `C` `m x n` where `c` says.
 pub fn sgemm(m: usize, n: usize, k: usize, a: &impl Lines, b: &impl Lines, c: Dest) {
     sgemm_with(best_tile(), m, n, k, a, b, c)
+}
+
+/// The product as a new vector of `m · n` floats laid out as `dest` says (it must cover them
+/// all, as [`Dest::rows_uninit`] with `ldc = n` and [`Dest::batched_uninit`] do): every entry is
+/// written once, none zeroed first (a serial pass as long as the product's output otherwise).
+pub fn sgemm_new<'a>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &impl Lines,
+    b: &impl Lines,
+    dest: impl FnOnce(&'a mut [MaybeUninit<f32>]) -> Dest<'a>,
+) -> Vec<f32> {
+    let mut c = Vec::with_capacity(m * n);
+    // SAFETY (of `set_len`): `dest` covers the first `m · n` entries with no gaps (asserted) and
+    // the product writes every entry of `C` (its first depth block stores, later ones add).
+    // The spare capacity is borrowed only for the product, which ends before `set_len`.
+    let spare: &'a mut [MaybeUninit<f32>] =
+        unsafe { std::slice::from_raw_parts_mut(c.spare_capacity_mut().as_mut_ptr(), m * n) };
+    let dest = dest(spare);
+    assert!(dest.is_dense(m, n) && dest.data.len() == m * n, "sgemm_new: C must cover its {m}x{n} entries");
+    if k == 0 {
+        dest.data.fill(MaybeUninit::new(0.0));
+    } else {
+        sgemm(m, n, k, a, b, dest);
+    }
+    unsafe { c.set_len(m * n) };
+    c
 }
 
 /// A micro-kernel: `C[..rows, ..cols] (+)= A_panel · B_panelᵀ` over depth `kc` (see [`tile_avx512`]).
@@ -262,7 +317,7 @@ fn sgemm_with<A: Lines, B: Lines>(tile: Tile, m: usize, n: usize, k: usize, a: &
     let Dest { data, ldc, block, block_stride } = c;
     let last = (n - 1) / block * block_stride + (m - 1) * ldc + (n - 1) % block;
     assert!(last < data.len(), "sgemm: C ({m}x{n}, {ldc}/{block}/{block_stride}) out of bounds");
-    let out = Out { ptr: data.as_mut_ptr(), ldc, block, block_stride };
+    let out = Out { ptr: data.as_mut_ptr().cast(), ldc, block, block_stride };
     // A few parts per thread, taken as threads come free: a core that another process or a
     // page fault slows down then holds up the product by a small part rather than half of it.
     // Below ~64³ multiply-adds a split costs more than it saves.
@@ -353,10 +408,13 @@ unsafe fn blocked<A: Lines, B: Lines>(
 /// Writes a finished tile (`full`, row-major with row stride `NR`) into `C[..rows, ..cols]`.
 unsafe fn store(full: &[f32], c: *mut f32, ldc: usize, (rows, cols): (usize, usize), add: bool) {
     for i in 0..rows {
-        // SAFETY: the caller passes the tile's valid extent inside C.
-        let row = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), cols) };
-        for (dst, &v) in row.iter_mut().zip(&full[i * NR..]) {
-            *dst = if add { *dst + v } else { v };
+        for (j, &v) in full[i * NR..][..cols].iter().enumerate() {
+            // SAFETY: the caller passes the tile's valid extent inside C; C is read only where
+            // an earlier depth block wrote it (`add`).
+            unsafe {
+                let dst = c.add(i * ldc + j);
+                dst.write(if add { dst.read() + v } else { v });
+            }
         }
     }
 }
@@ -499,7 +557,7 @@ mod tests {
                         let index = |i: usize, j: usize| j / block * block_stride + i * ldc + j % block;
                         let start = values(index(m - 1, n - 1) + 4, 3);
                         let mut c = start.clone();
-                        sgemm_with(tile, m, n, k, &a, &b, Dest { data: &mut c, ldc, block, block_stride });
+                        sgemm_with(tile, m, n, k, &a, &b, Dest { data: as_uninit(&mut c), ldc, block, block_stride });
                         let mut want: Vec<f64> = start.iter().map(|&v| v as f64).collect();
                         for i in 0..m {
                             for j in 0..n {
@@ -516,5 +574,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `sgemm_new` fills fresh memory exactly as `sgemm` fills zeroed memory, in rows and in a
+    /// batch's blocks (whole tiles, partial tiles, a tile across images, depth 0), each after a
+    /// product that left other values in the allocator's hands; a `C` with gaps is refused.
+    #[test]
+    fn new_output_equals_product_into_zeroed_memory() {
+        for &(m, n, k, positions) in &[(13, 33, 300, 11), (70, 578, 520, 289), (5, 64, 0, 32), (28, 64, 9, 64)] {
+            let (av, bv) = (values(m * k, 4), values(k * n, 5));
+            let (a, b) = (Mat::rows(&av, k), Mat::columns(&bv, n));
+            drop(vec![f32::NAN; m * n * 2]);
+            let rows = sgemm_new(m, n, k, &a, &b, |c| Dest::rows_uninit(c, n));
+            let mut want = vec![0f32; m * n];
+            sgemm(m, n, k, &a, &b, Dest::rows(&mut want, n));
+            assert_eq!(rows, want, "{m}x{n}x{k} rows");
+            drop(vec![f32::NAN; m * n * 2]);
+            let batched = sgemm_new(m, n, k, &a, &b, |c| Dest::batched_uninit(c, m, positions));
+            let mut want = vec![0f32; m * n];
+            sgemm(m, n, k, &a, &b, Dest::batched(&mut want, m, positions));
+            assert_eq!(batched, want, "{m}x{n}x{k} batched");
+        }
+        let gaps = std::panic::catch_unwind(|| {
+            let (av, bv) = (values(12, 6), values(12, 7));
+            sgemm_new(3, 4, 4, &Mat::rows(&av, 4), &Mat::rows(&bv, 4), |c| Dest::rows_uninit(c, 5))
+        });
+        assert!(gaps.is_err(), "a row stride wider than the row leaves gaps");
     }
 }

@@ -153,13 +153,28 @@ pub struct StepReport {
     pub skipped: Option<String>,
 }
 
-/// Every value of every tensor is finite (a sum of squares overflows or turns NaN otherwise).
+/// Every value of every tensor is finite, and so is each tensor's f32 sum of squares (values
+/// beyond ~1e19 overflow it: such a gradient is refused too).
 pub fn all_finite<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> Result<bool> {
     let mut total = 0f64;
     for t in tensors {
-        total += t.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        total += sum_of_squares(t)?;
     }
     Ok(total.is_finite())
+}
+
+/// `t`'s sum of squares in f32. On the CPU one parallel pass over it (the tensor ops write the
+/// squares out first, serially).
+fn sum_of_squares(t: &Tensor) -> Result<f64> {
+    use candle_core::{CpuStorage, Storage};
+    use rayon::prelude::*;
+    let (storage, layout) = t.storage_and_layout();
+    if let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+        let partial = data[start..end].par_chunks(1 << 14).map(|c| c.iter().map(|v| v * v).sum::<f32>());
+        return Ok(partial.reduce(|| 0.0, |a, b| a + b) as f64);
+    }
+    drop(storage);
+    t.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()
 }
 
 /// The gradients of `vars` are finite.
@@ -392,6 +407,33 @@ impl<T: Task> Trainer<T> {
         }
         for (k, v) in targets {
             v.set(&tensors[&k].to_device(v.device())?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The one-pass CPU check and the tensor-op path (a transposed view) agree: finite values
+    /// pass, NaN, infinities and values whose square overflows f32 do not.
+    #[test]
+    fn all_finite_refuses_nan_inf_and_overflowing_squares() -> Result<()> {
+        let dev = Device::Cpu;
+        let base: Vec<f32> = (0..50_000).map(|i| (i % 97) as f32 - 48.0).collect();
+        for (bad, want) in
+            [(None, true), (Some(f32::NAN), false), (Some(f32::NEG_INFINITY), false), (Some(1e20), false)]
+        {
+            let mut v = base.clone();
+            if let Some(x) = bad {
+                v[31_337] = x;
+            }
+            let t = Tensor::from_vec(v, (250, 200), &dev)?;
+            let small = Tensor::new(&[1f32, 2.0], &dev)?;
+            assert_eq!(all_finite([&small, &t])?, want, "{bad:?}, contiguous");
+            assert_eq!(all_finite([&t.t()?, &small])?, want, "{bad:?}, transposed");
         }
         Ok(())
     }
