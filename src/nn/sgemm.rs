@@ -445,10 +445,47 @@ unsafe fn tile_portable(
 /// The AVX-512 micro-kernel: per depth step, two 16-lane loads of the B panel, fourteen
 /// broadcasts of the A panel, 28 fused multiply-adds into registers. The rows of `C` it ends on
 /// and the panels `PREFETCH` steps ahead are prefetched (with the loop order of `blocked`, 8–16%
-/// on the networks' shapes, measured interleaved in one process against neither).
+/// on the networks' shapes, measured interleaved in one process against neither). A tile at the
+/// edge of `C` computes only the rows and the 16-column halves it has, to the next of 4, 8 or
+/// 14 rows: 64 channels are 4 panels of 14 and one of 8, 128 are 9 and one of 2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn tile_avx512(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    extent: (usize, usize),
+    add: bool,
+) {
+    use std::arch::x86_64::*;
+    let (rows, cols) = extent;
+    for i in 0..rows {
+        // SAFETY: a prefetch never faults; the rows lie inside C.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc).cast());
+            _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc + cols - 1).cast());
+        }
+    }
+    // SAFETY: as the caller's.
+    unsafe {
+        match (rows, cols <= 16) {
+            (..=4, true) => tile_avx512_rows::<4, 1>(kc, a, b, c, ldc, extent, add),
+            (..=4, false) => tile_avx512_rows::<4, 2>(kc, a, b, c, ldc, extent, add),
+            (..=8, true) => tile_avx512_rows::<8, 1>(kc, a, b, c, ldc, extent, add),
+            (..=8, false) => tile_avx512_rows::<8, 2>(kc, a, b, c, ldc, extent, add),
+            (_, true) => tile_avx512_rows::<MR, 1>(kc, a, b, c, ldc, extent, add),
+            (_, false) => tile_avx512_rows::<MR, 2>(kc, a, b, c, ldc, extent, add),
+        }
+    }
+}
+
+/// [`tile_avx512`] on the first `R` rows of the panels and `V` 16-column halves.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn tile_avx512_rows<const R: usize, const V: usize>(
     kc: usize,
     a: *const f32,
     b: *const f32,
@@ -460,65 +497,44 @@ unsafe fn tile_avx512(
     use std::arch::x86_64::*;
     /// Depth steps ahead to prefetch (1 KiB of B, 448 bytes of A).
     const PREFETCH: usize = 8;
-    for i in 0..rows {
-        // SAFETY: a prefetch never faults; the rows lie inside C.
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
+    for p in 0..kc {
         unsafe {
-            _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc).cast());
-            _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc + cols - 1).cast());
-        }
-    }
-    let mut acc = [_mm512_setzero_ps(); 2 * MR];
-    if cols <= 16 {
-        // A last panel at most half used (578 = 18·32 + 2 columns at 128x128): half the work.
-        for p in 0..kc {
-            unsafe {
-                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add((p + PREFETCH) * NR).cast());
-                let b0 = _mm512_loadu_ps(b.add(p * NR));
-                let a = a.add(p * MR);
-                for i in 0..MR {
-                    acc[2 * i] = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(i)), b0, acc[2 * i]);
-                }
+            // Past the panel's end these name the next panel (or nothing): a prefetch never
+            // faults.
+            for v in 0..V {
+                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add((p + PREFETCH) * NR + 16 * v).cast());
             }
-        }
-    } else {
-        for p in 0..kc {
-            unsafe {
-                // Past the panel's end these name the next panel (or nothing): a prefetch never
-                // faults.
-                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add((p + PREFETCH) * NR).cast());
-                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add((p + PREFETCH) * NR + 16).cast());
-                _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add((p + PREFETCH) * MR).cast());
-                let b0 = _mm512_loadu_ps(b.add(p * NR));
-                let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
-                let a = a.add(p * MR);
-                for i in 0..MR {
-                    let ai = _mm512_set1_ps(*a.add(i));
-                    acc[2 * i] = _mm512_fmadd_ps(ai, b0, acc[2 * i]);
-                    acc[2 * i + 1] = _mm512_fmadd_ps(ai, b1, acc[2 * i + 1]);
+            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add((p + PREFETCH) * MR).cast());
+            let bv: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(b.add(p * NR + 16 * v)));
+            let a = a.add(p * MR);
+            for (i, row) in acc.iter_mut().enumerate() {
+                let ai = _mm512_set1_ps(*a.add(i));
+                for (acc, &bv) in row.iter_mut().zip(&bv) {
+                    *acc = _mm512_fmadd_ps(ai, bv, *acc);
                 }
             }
         }
     }
-    if rows == MR && cols == NR {
-        for (i, pair) in acc.chunks_exact(2).enumerate() {
+    if R == MR && V == 2 && rows == MR && cols == NR {
+        for (i, row) in acc.iter().enumerate() {
             unsafe {
-                let row = c.add(i * ldc);
-                let (mut lo, mut hi) = (pair[0], pair[1]);
+                let dst = c.add(i * ldc);
+                let (mut lo, mut hi) = (row[0], row[V - 1]);
                 if add {
-                    lo = _mm512_add_ps(lo, _mm512_loadu_ps(row));
-                    hi = _mm512_add_ps(hi, _mm512_loadu_ps(row.add(16)));
+                    lo = _mm512_add_ps(lo, _mm512_loadu_ps(dst));
+                    hi = _mm512_add_ps(hi, _mm512_loadu_ps(dst.add(16)));
                 }
-                _mm512_storeu_ps(row, lo);
-                _mm512_storeu_ps(row.add(16), hi);
+                _mm512_storeu_ps(dst, lo);
+                _mm512_storeu_ps(dst.add(16), hi);
             }
         }
         return;
     }
     let mut full = [0f32; MR * NR];
-    for (i, pair) in acc.chunks_exact(2).enumerate() {
-        unsafe {
-            _mm512_storeu_ps(full.as_mut_ptr().add(i * NR), pair[0]);
-            _mm512_storeu_ps(full.as_mut_ptr().add(i * NR + 16), pair[1]);
+    for (i, row) in acc.iter().enumerate() {
+        for (v, &acc) in row.iter().enumerate() {
+            unsafe { _mm512_storeu_ps(full.as_mut_ptr().add(i * NR + 16 * v), acc) };
         }
     }
     unsafe { store(&full, c, ldc, (rows, cols), add) }
@@ -534,9 +550,10 @@ mod tests {
 
     /// Every micro-kernel this CPU runs against a naive product, on shapes with partial tiles,
     /// several depth, row and column blocks, both line layouts, a row stride wider than the row,
-    /// `C` in blocks of columns (narrower and wider than a tile, with gaps between them); entries
-    /// outside `C` stay as they were. The products run one after another
-    /// on the same threads, so each reuses packing buffers holding the previous one's values.
+    /// `C` in blocks of columns (narrower and wider than a tile, with gaps between them), last
+    /// panels of 1, 4, 5, 8, 12 and 13 rows (each row count's kernel and its edges); entries
+    /// outside `C` stay as they were. The products run one after another on the same threads,
+    /// so each reuses packing buffers holding the previous one's values.
     #[test]
     fn equals_a_naive_product() {
         let mut tiles: Vec<(&str, Tile)> = vec![("portable", tile_portable)];
@@ -545,7 +562,16 @@ mod tests {
             tiles.push(("avx512", tile_avx512));
         }
         for (name, tile) in tiles {
-            for &(m, n, k) in &[(1, 1, 1), (12, 32, 7), (13, 33, 300), (70, 1100, 520), (200, 40, 9), (5, 3000, 64)] {
+            for &(m, n, k) in &[
+                (1, 1, 1),
+                (12, 32, 7),
+                (13, 33, 300),
+                (70, 1100, 520),
+                (200, 40, 9),
+                (5, 3000, 64),
+                (22, 47, 19),
+                (18, 16, 33),
+            ] {
                 for (a_cols, b_cols) in [(false, false), (true, false), (false, true), (true, true)] {
                     let (av, bv) = (values(m * k, 1), values(k * n, 2));
                     let a = if a_cols { Mat::columns(&av, m) } else { Mat::rows(&av, k) };
