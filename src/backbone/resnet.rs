@@ -17,9 +17,9 @@ use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use crate::nn::MaxPool2d;
 use crate::nn::batch_norm::{Activation, BatchNorm};
 use crate::nn::conv::{Conv, ConvSpec};
+use crate::nn::{MaxPool2d, add_relu};
 
 /// Residual block type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -249,7 +249,7 @@ impl ModuleT for ResidualBlock {
         for (i, c) in self.convs.iter().enumerate() {
             y = c.forward_t(&y, train, if i < last { Activation::Relu } else { Activation::Identity })?;
         }
-        (y + shortcut)?.relu()
+        add_relu(&y, &shortcut)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Layers and ops that Candle lacks, each with a backward on every device (built from
 //! differentiable Candle ops; see DESIGN.md §4 and `ARCHITECTURE.md`).
 
+pub mod add_relu;
 pub mod attention;
 pub mod batch_norm;
 pub mod conv;
@@ -14,6 +15,7 @@ pub mod rng;
 pub mod sgemm;
 pub mod spectral_norm;
 
+pub use add_relu::add_relu;
 pub use attention::SelfAttention;
 pub use dropout::Dropout2d;
 pub use pool::{MaxPool2d, pool_out_size};
