@@ -5,6 +5,7 @@ pub mod add_relu;
 pub mod attention;
 pub mod batch_norm;
 pub mod conv;
+pub mod cross_entropy;
 pub mod double_backward;
 pub mod dropout;
 pub mod im2col;

@@ -2,10 +2,10 @@
 //! pixels after bilinear (`align_corners = true`) upsampling of the logits to the label size,
 //! for the main head plus 0.4 × the deep-supervision (DSN) head on layer3.
 
-use candle_core::{DType, Result, Tensor};
-use candle_nn::ops::log_softmax;
+use candle_core::{Result, Tensor};
 
 use crate::distill::Losses;
+use crate::nn::cross_entropy::cross_entropy;
 use crate::nn::resize_bilinear;
 
 /// The label of pixels that carry no class (Cityscapes' void, crop padding).
@@ -19,15 +19,7 @@ pub fn cross_entropy_upsampled(logits: &Tensor, labels: &Tensor, ignore: u32) ->
     if lb != b {
         candle_core::bail!("cross-entropy: {b} logit maps but {lb} label maps");
     }
-    let log_p = log_softmax(&resize_bilinear(logits, (h, w), true)?, 1)?;
-    let labels = labels.to_dtype(DType::U32)?;
-    let valid = labels.ne(ignore)?;
-    // Ignored pixels gather class 0 and are masked out below. [B, H, W] -> [B, 1, H, W]
-    let safe = valid.where_cond(&labels, &labels.zeros_like()?)?.unsqueeze(1)?;
-    let picked = log_p.gather(&safe, 1)?.squeeze(1)?;
-    let valid = valid.to_dtype(log_p.dtype())?;
-    let count = valid.sum_all()?.maximum(1.0)?;
-    (picked * valid)?.sum_all()?.neg()?.div(&count)
+    cross_entropy(&resize_bilinear(logits, (h, w), true)?, labels, ignore)
 }
 
 /// `CriterionDSN`: `ce` = CE(main) and `ce_aux` = `aux_weight` · CE(aux).
