@@ -172,27 +172,28 @@ pub fn sgemm(m: usize, n: usize, k: usize, a: &impl Lines, b: &impl Lines, c: De
 /// The product as a new vector of `m · n` floats laid out as `dest` says (it must cover them
 /// all, as [`Dest::rows_uninit`] with `ldc = n` and [`Dest::batched_uninit`] do): every entry is
 /// written once, none zeroed first (a serial pass as long as the product's output otherwise).
-pub fn sgemm_new<'a>(
+pub fn sgemm_new(
     m: usize,
     n: usize,
     k: usize,
     a: &impl Lines,
     b: &impl Lines,
-    dest: impl FnOnce(&'a mut [MaybeUninit<f32>]) -> Dest<'a>,
+    dest: impl for<'b> FnOnce(&'b mut [MaybeUninit<f32>]) -> Dest<'b>,
 ) -> Vec<f32> {
     let mut c = Vec::with_capacity(m * n);
-    // SAFETY (of `set_len`): `dest` covers the first `m · n` entries with no gaps (asserted) and
-    // the product writes every entry of `C` (its first depth block stores, later ones add).
-    // The spare capacity is borrowed only for the product, which ends before `set_len`.
-    let spare: &'a mut [MaybeUninit<f32>] =
-        unsafe { std::slice::from_raw_parts_mut(c.spare_capacity_mut().as_mut_ptr(), m * n) };
+    let spare = &mut c.spare_capacity_mut()[..m * n];
+    let at = spare.as_ptr();
     let dest = dest(spare);
-    assert!(dest.is_dense(m, n) && dest.data.len() == m * n, "sgemm_new: C must cover its {m}x{n} entries");
+    let covers = std::ptr::eq(dest.data.as_ptr(), at) && dest.data.len() == m * n && dest.is_dense(m, n);
+    assert!(covers, "sgemm_new: C must cover its {m}x{n} entries");
     if k == 0 {
         dest.data.fill(MaybeUninit::new(0.0));
     } else {
         sgemm(m, n, k, a, b, dest);
     }
+    // SAFETY: `dest` was the first `m · n` entries of `c`'s buffer with no gaps (asserted), and
+    // the product wrote every entry of `C` (its first depth block stores, later ones add), or
+    // the fill above did.
     unsafe { c.set_len(m * n) };
     c
 }
