@@ -1,8 +1,8 @@
 //! `relu(a + b)`, the end of a residual block, as one op on the CPU.
 //!
 //! Candle's `(a + b).relu()` is two passes forward, the ReLU's serial; backward, the ReLU alone
-//! allocates a zero tensor to compare against, a mask, its f32 copy and the product, all on one
-//! thread. Here the forward is one parallel pass and the backward one more (the gradient masked
+//! allocates a zero tensor to compare against, a mask, its f32 copy and the product, the mask
+//! and the copy on one thread. Here the forward is one parallel pass and the backward one more (the gradient masked
 //! where the output is positive, handed to both summands). The mask follows PyTorch's
 //! `threshold_backward` (no gradient where the sum is exactly 0; Candle's passes it). The
 //! backward is first-order only, like the fused BatchNorm's: the residual networks are never
@@ -31,12 +31,7 @@ impl CustomOp2 for AddRelu {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (a, b) = (cpu_f32(s1, l1, "add-relu")?, cpu_f32(s2, l2, "add-relu")?);
-        let y = par_collect(a.len(), CHUNK, |i| {
-            let (a, b) = (&a[i * CHUNK..(i * CHUNK + CHUNK).min(a.len())], &b[i * CHUNK..]);
-            a.iter().zip(b).map(|(&x, &y)| (x + y).max(0.0))
-        });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        zip_map((s1, l1), (s2, l2), |a, b| (a + b).max(0.0))
     }
 
     fn bwd(&self, _a: &Tensor, _b: &Tensor, y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -54,13 +49,22 @@ impl CustomOp2 for PositiveGrad {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (y, g) = (cpu_f32(s1, l1, "add-relu")?, cpu_f32(s2, l2, "add-relu")?);
-        let dx = par_collect(y.len(), CHUNK, |i| {
-            let (y, g) = (&y[i * CHUNK..(i * CHUNK + CHUNK).min(y.len())], &g[i * CHUNK..]);
-            y.iter().zip(g).map(|(&y, &g)| if y > 0.0 { g } else { 0.0 })
-        });
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        zip_map((s1, l1), (s2, l2), |y, g| if y > 0.0 { g } else { 0.0 })
     }
+}
+
+/// `f(a, b)` value by value over two f32 inputs of the same shape, in parallel chunks.
+fn zip_map(
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    f: impl Fn(f32, f32) -> f32 + Sync + Send,
+) -> Result<(CpuStorage, Shape)> {
+    let (a, b) = (cpu_f32(s1, l1, "add-relu")?, cpu_f32(s2, l2, "add-relu")?);
+    let out = par_collect(a.len(), CHUNK, |i| {
+        let (a, b) = (&a[i * CHUNK..(i * CHUNK + CHUNK).min(a.len())], &b[i * CHUNK..]);
+        a.iter().zip(b).map(|(&x, &y)| f(x, y))
+    });
+    Ok((CpuStorage::F32(out), l1.shape().clone()))
 }
 
 #[cfg(test)]

@@ -147,21 +147,16 @@ fn inputs<'a>(args: [(&'a CpuStorage, &Layout); 3]) -> Result<([&'a [f32]; 3], [
 /// running f64 sum waits on every add, four cycles per value).
 const LANES: usize = 8;
 
-/// `Σ f(v)` over `values` in f64.
-fn lane_sum(values: &[f32], f: impl Fn(f32) -> f64) -> f64 {
-    lane_sum_by(values.len(), |i| f(values[i]))
-}
-
-/// `Σ f(i)` for `i < n` in f64, in [`LANES`] interleaved partial sums.
-fn lane_sum_by(n: usize, f: impl Fn(usize) -> f64) -> f64 {
-    let mut lanes = [0f64; LANES];
+/// `Σ f(i)` for `i < n`, `K` sums at once, in f64, each in [`LANES`] interleaved partial sums.
+fn lane_sums<const K: usize>(n: usize, f: impl Fn(usize) -> [f64; K]) -> [f64; K] {
+    let mut lanes = [[0f64; K]; LANES];
     let whole = n / LANES * LANES;
     for i in (0..whole).step_by(LANES) {
         for (l, lane) in lanes.iter_mut().enumerate() {
-            *lane += f(i + l);
+            lane.iter_mut().zip(f(i + l)).for_each(|(s, v)| *s += v);
         }
     }
-    lanes.iter().sum::<f64>() + (whole..n).map(f).sum::<f64>()
+    std::array::from_fn(|k| lanes.iter().map(|lane| lane[k]).sum::<f64>() + (whole..n).map(|i| f(i)[k]).sum::<f64>())
 }
 
 /// The `(image, channel)` planes of channel `c` in a contiguous `[B, C, H·W]` map.
@@ -200,9 +195,9 @@ impl CustomOp3 for Normalize {
             let (mean, var): (Vec<f32>, Vec<f32>) = (0..c)
                 .into_par_iter()
                 .map(|ch| {
-                    let mean = planes(x, c, plane, ch).map(|p| lane_sum(p, |v| v as f64)).sum::<f64>() / n;
-                    let var =
-                        planes(x, c, plane, ch).map(|p| lane_sum(p, |v| (v as f64 - mean).powi(2))).sum::<f64>() / n;
+                    let mean = planes(x, c, plane, ch).map(|p| lane_sums(plane, |i| [p[i] as f64])[0]).sum::<f64>() / n;
+                    let squares = |p: &[f32]| lane_sums(plane, |i| [(p[i] as f64 - mean).powi(2)])[0];
+                    let var = planes(x, c, plane, ch).map(squares).sum::<f64>() / n;
                     (mean as f32, var as f32)
                 })
                 .unzip();
@@ -284,9 +279,11 @@ impl CustomOp3 for NormalizeGrad {
                 let (mut g_sum, mut gx_sum) = (0f64, 0f64);
                 let triples = planes(x, c, plane, ch).zip(planes(y, c, plane, ch)).zip(planes(grad, c, plane, ch));
                 for ((xs, ys), gs) in triples {
-                    let g = |i: usize| gs[i] * self.act.derivative_at_output(ys[i]);
-                    g_sum += lane_sum_by(plane, |i| g(i) as f64);
-                    gx_sum += lane_sum_by(plane, |i| (g(i) * (xs[i] - mean[ch]) * invstd[ch]) as f64);
+                    let [g, gx] = lane_sums(plane, |i| {
+                        let g = gs[i] * self.act.derivative_at_output(ys[i]);
+                        [g as f64, (g * (xs[i] - mean[ch]) * invstd[ch]) as f64]
+                    });
+                    (g_sum, gx_sum) = (g_sum + g, gx_sum + gx);
                 }
                 (g_sum as f32, gx_sum as f32)
             })

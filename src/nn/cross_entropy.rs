@@ -1,11 +1,11 @@
 //! Mean softmax cross-entropy over a map's pixels, one label ignored, as one op on the CPU.
 //!
-//! Candle's `log_softmax` + `gather` + masked mean is about ten serial passes over the
-//! upsampled logits forward (`[B, K, H, W]`, the full image size) and more than twenty
-//! backward, allocations included, all serial (in a 128² training step its forward ops alone
-//! were 15% of the main thread's samples, `perf`).
-//! Here the forward is one parallel pass (per pixel: max, log-sum-exp, the label's term) and
-//! the backward one more (`(softmax − onehot) / count` per pixel). Same formula as Candle's
+//! Candle's `log_softmax` + `gather` + masked mean is about ten passes over the upsampled
+//! logits forward (`[B, K, H, W]`, the full image size) and more than twenty backward,
+//! allocations included, nearly all on one thread (in a 128² training step its forward ops
+//! alone were 15% of the main thread's samples, `perf`). Here the forward is one parallel
+//! pass (per pixel: max, log-sum-exp, the label's term) and the backward one more
+//! (`(softmax − onehot) / count` per pixel). Same formula as Candle's
 //! (`x − max − ln Σ exp(x − max)`); the sums over pixels are taken in f64. First-order only:
 //! nothing differentiates a task loss twice. Elsewhere (CUDA, other dtypes) Candle's ops run.
 

@@ -63,7 +63,7 @@ impl Lines for Mat<'_> {
 /// lies: adjacent lines (`line_stride` 1) a depth step at a time across all panels, one
 /// contiguous copy per step; strided lines one line at a time down the depth (the depth steps of
 /// a kernel row or a map are adjacent), written `width` apart into its panel. Reading across
-/// the lines at each depth step instead cost 1.7x (rows) and 2.7x (columns) as much per value
+/// the lines at each depth step instead cost 1.8x (rows) and 2.8x (columns) as much per value
 /// (`examples/pack_rate.rs`: 1.33–1.51 and 1.07–1.22 ns, now 0.74–0.82 and 0.40–0.44).
 /// `start` is called once per depth step (the kernels' and the maps' divide).
 pub(crate) fn pack_strided(
