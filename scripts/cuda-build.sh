@@ -155,8 +155,13 @@ step "building --release --features $FEATURES into $TARGET_DIR ($THREADS nvcc jo
 start=$(date +%s)
 PATH=$C/bin:$PATH CUDA_HOME=$C CUDA_COMPUTE_CAP=$CAP CUDAFORGE_THREADS=$THREADS \
   LIBRARY_PATH=$LINK${LIBRARY_PATH:+:$LIBRARY_PATH} CARGO_TARGET_DIR=$TARGET_DIR \
-  cargo build --release --features "$FEATURES" --bins --manifest-path "$REPO/Cargo.toml" \
+  cargo build --release --features "$FEATURES" --bins --test golden --manifest-path "$REPO/Cargo.toml" \
   || die "cargo build failed (see above); the toolkit is in $C, the link dir is $LINK"
+# The golden test binary, under a fixed name: on the GPU machine
+# `SKD_DEVICE=cuda SKD_GOLDEN_DIR=tests/golden ./skd-golden --nocapture` runs every golden there.
+GOLDEN=$(ls -t "$TARGET_DIR"/release/deps/golden-* 2>/dev/null | grep -v '\.d$' | head -1)
+[ -x "$GOLDEN" ] || die "no golden test binary in $TARGET_DIR/release/deps after the build"
+cp "$GOLDEN" "$TARGET_DIR/release/skd-golden"
 secs=$(( $(date +%s) - start ))
 
 BINS=()
@@ -166,16 +171,17 @@ for b in skd-seg skd-det; do
 done
 readelf -d "${BINS[0]}" | grep -q 'libcuda.so.1' || die "${BINS[0]} does not link libcuda.so.1: built without CUDA?"
 
-# Both binaries in one archive (PTX/SASS compress about 4x), small enough to carry to a GPU machine.
+# The binaries in one archive (PTX/SASS compress about 4x), small enough to carry to a GPU machine.
 TARBALL=$TARGET_DIR/skd-cuda-bins.tar.gz
-tar -czf "$TARBALL" -C "$TARGET_DIR/release" skd-seg skd-det || die "could not write $TARBALL"
+tar -czf "$TARBALL" -C "$TARGET_DIR/release" skd-seg skd-det skd-golden || die "could not write $TARBALL"
 
 LOCAL_LD="$STUB:$C/lib:$TK/nvidia/cudnn/lib"
 cat <<EOF
 
 cuda-build: built in $((secs / 60)) min $((secs % 60)) s:
 $(for b in "${BINS[@]}"; do echo "  $b ($(du -h "$b" | cut -f1))"; done)
-  $TARBALL ($(du -h "$TARBALL" | cut -f1), both; unpack with tar -xzf)
+  $TARGET_DIR/release/skd-golden (the golden test)
+  $TARBALL ($(du -h "$TARBALL" | cut -f1), all three; unpack with tar -xzf)
   needs: $(readelf -d "${BINS[0]}" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' | tr '\n' ' ')
 
 On the GPU machine (driver >= 580, PyTorch with CUDA 13 in python3), point the loader at
