@@ -6,6 +6,7 @@ pub mod attention;
 pub mod batch_norm;
 pub mod conv;
 pub mod cross_entropy;
+pub mod device_conv;
 pub mod double_backward;
 pub mod dropout;
 pub mod im2col;
