@@ -3,11 +3,13 @@
 //! its own kernel), the same gradient as a cuDNN convolution with the flipped kernel (stride 1),
 //! the weight gradient as Candle computes it (a cuDNN convolution of the transposed input with
 //! the transposed output gradient as its kernel), forward + `Tensor::backward` through Candle's
-//! op and through `skd::nn::conv::conv2d` (`nn::device_conv` off the CPU), and Candle's
+//! op and through `skd::nn::conv::conv2d` (`nn::device_conv` off the CPU), the forward with each
+//! of cuDNN's non-FFT algorithms (CPU: all the same op), and Candle's
 //! training-mode BatchNorm forward + backward. Median of 5 after 2 warm-ups, device synchronised:
 //! `cargo run --release --features cuda,cudnn --example gpu_ops -- cuda [BATCH]` (`cpu 1` checks
 //! it here). `scripts/gpu_ops.py` times PyTorch on the same shapes.
 
+use candle_core::conv::CudnnFwdAlgo;
 use candle_core::{Device, Result, Tensor, Var};
 use std::time::Instant;
 
@@ -60,10 +62,27 @@ fn main() -> Result<()> {
             median_ms(&dev, || x.transpose(0, 1)?.conv2d(&g.transpose(0, 1)?, p, d, s, 1)?.transpose(0, 1).map(drop))?;
         let backward = median_ms(&dev, || x.conv2d(&wt, p, s, d, 1)?.backward().map(drop))?;
         let ours = median_ms(&dev, || skd::nn::conv::conv2d(&x, &wt, s, p, d)?.backward().map(drop))?;
+        let mut by_algo = Vec::new();
+        for algo in [
+            None,
+            Some(CudnnFwdAlgo::ImplicitGemm),
+            Some(CudnnFwdAlgo::ImplicitPrecompGemm),
+            Some(CudnnFwdAlgo::Gemm),
+            Some(CudnnFwdAlgo::Direct),
+            Some(CudnnFwdAlgo::Winograd),
+            Some(CudnnFwdAlgo::WinogradNonFused),
+        ] {
+            let ms = match x.conv2d_with_algo(&wt, p, s, d, 1, algo) {
+                Ok(_) => format!("{:.2}", median_ms(&dev, || x.conv2d_with_algo(&wt, p, s, d, 1, algo).map(drop))?),
+                Err(_) => "-".into(),
+            };
+            by_algo.push(format!("{}: {ms}", algo.map_or("heuristic".into(), |a| format!("{a:?}"))));
+        }
         println!(
             "{b}x{c}->{co} {h}x{w} k{k} s{s} d{d}: fwd {fwd:.1} ms, grad input (conv_transpose2d) {grad_input:.1}, \
              as flipped conv {flipped}, grad weight (transposed conv) {grad_weight:.1}; fwd+backward: Candle's \
-             {backward:.1}, skd's {ours:.1}"
+             {backward:.1}, skd's {ours:.1}; forward by cuDNN algorithm: {}",
+            by_algo.join(", ")
         );
     }
     let vm = candle_nn::VarMap::new();
