@@ -4,8 +4,10 @@
 //! `nn.Conv2d` draws weight and bias from `U(−1/√fan_in, 1/√fan_in)` (kaiming_uniform with
 //! `a = √5`); candle-nn's `conv2d` uses a Kaiming normal instead. Keys: `weight`, `bias`.
 
+use super::sgemm::PackedRows;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
+use std::sync::{Arc, OnceLock};
 
 /// PyTorch's default uniform bound for a layer with `fan_in` inputs.
 pub fn default_bound(fan_in: usize) -> f64 {
@@ -60,6 +62,10 @@ pub struct Conv {
     weight: Tensor,
     bias: Option<Tensor>,
     spec: ConvSpec,
+    /// The weight packed for the CPU's products, made on the first CPU forward of a weight that
+    /// is no variable (a frozen network's, which never changes): the r101 teacher's 42 M weights
+    /// are then packed once, not in every step.
+    packed: OnceLock<Arc<PackedRows>>,
 }
 
 impl Conv {
@@ -74,7 +80,7 @@ impl Conv {
     pub fn with_init(spec: ConvSpec, weight: Init, bias: Option<Init>, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get_with_hints((spec.c_out, spec.c_in, spec.kernel, spec.kernel), "weight", weight)?;
         let bias = bias.map(|init| vb.get_with_hints(spec.c_out, "bias", init)).transpose()?;
-        Ok(Self { weight, bias, spec })
+        Ok(Self { weight, bias, spec, packed: OnceLock::new() })
     }
 
     pub fn spec(&self) -> &ConvSpec {
@@ -85,7 +91,23 @@ impl Conv {
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let s = &self.spec;
-        let y = conv2d(x, &self.weight, s.stride, s.padding, s.dilation)?;
+        let frozen_on_cpu = x.device().is_cpu()
+            && x.dtype() == candle_core::DType::F32
+            && self.weight.device().is_cpu()
+            && self.weight.dtype() == candle_core::DType::F32
+            && !self.weight.is_variable();
+        let y = if frozen_on_cpu {
+            let packed = match self.packed.get() {
+                Some(packed) => packed,
+                None => {
+                    let packed = Arc::new(super::im2col::pack_weight(&self.weight)?);
+                    self.packed.get_or_init(|| packed)
+                }
+            };
+            super::im2col::conv2d_prepacked(x, &self.weight, packed, s.stride, s.padding, s.dilation)?
+        } else {
+            conv2d(x, &self.weight, s.stride, s.padding, s.dilation)?
+        };
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, s.c_out, 1, 1))?),
             None => Ok(y),
@@ -102,4 +124,37 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize, dilati
         return super::im2col::conv2d(x, weight, stride, padding, dilation);
     }
     super::device_conv::conv2d(x, weight, stride, padding, dilation)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use std::collections::HashMap;
+
+    /// A frozen convolution (plain-tensor weight) packs its weight once and gives the same
+    /// values, bit for bit, as the same convolution with a variable weight, which packs anew.
+    #[test]
+    fn a_frozen_weight_is_packed_once_with_the_same_results() -> Result<()> {
+        let dev = Device::Cpu;
+        let spec = ConvSpec::new(5, 19, 3).padding(2).dilation(2);
+        let vm = candle_nn::VarMap::new();
+        let trainable = Conv::new(spec, true, super::super::init::seeded_var_builder(&vm, 3, DType::F32, &dev))?;
+        let tensors: HashMap<String, Tensor> = vm
+            .data()
+            .lock()
+            .expect("varmap")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().copy().expect("copy")))
+            .collect();
+        let frozen = Conv::new(spec, true, VarBuilder::from_tensors(tensors, DType::F32, &dev))?;
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 13, 11), &dev)?;
+        let want = trainable.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        for call in 0..2 {
+            assert_eq!(frozen.forward(&x)?.flatten_all()?.to_vec1::<f32>()?, want, "call {call}");
+            assert!(frozen.packed.get().is_some(), "the frozen weight is packed");
+        }
+        assert!(trainable.packed.get().is_none(), "a variable weight is packed in each product");
+        Ok(())
+    }
 }

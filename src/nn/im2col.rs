@@ -11,9 +11,10 @@
 //! WGAN-GP penalty included) is one of them again.
 
 use super::cpu_f32;
-use super::sgemm::{Dest, Lines, Mat, pack_strided, sgemm, sgemm_new};
+use super::sgemm::{Dest, Lines, Mat, PackedRows, Prepacked, pack_strided, sgemm, sgemm_new};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// Geometry of a square-kernel convolution's patches, for a `[B, C, H, W]` input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,12 +232,38 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize, dilati
         candle_core::bail!("conv2d: input {:?} and weight {:?} do not fit", x.dims(), weight.dims());
     }
     let p = Patches { kernel: k, stride, padding, dilation, channels: c, h, w };
-    apply(x, weight, Conv(p))
+    apply(x, weight, Conv(p, None))
 }
 
-/// `(x, W) -> y`: the convolution.
-#[derive(Debug, Clone, Copy)]
-struct Conv(Patches);
+/// `weight` `[C_out, C, k, k]` (f32, CPU) packed once for [`conv2d_prepacked`].
+pub fn pack_weight(weight: &Tensor) -> Result<PackedRows> {
+    let (c_out, c, k, _) = weight.dims4()?;
+    let weight = weight.contiguous()?;
+    let (storage, layout) = weight.storage_and_layout();
+    let candle_core::Storage::Cpu(storage) = &*storage else { candle_core::bail!("pack_weight: CPU tensors only") };
+    let data = cpu_f32(storage, layout, "pack_weight")?;
+    Ok(PackedRows::new(&Mat::rows(data, c * k * k), c_out, c * k * k))
+}
+
+/// [`conv2d`] with the weight's packed copy ([`pack_weight`]), for a weight used in many
+/// forwards (a frozen network's): the products read the copy instead of packing the weight.
+pub fn conv2d_prepacked(
+    x: &Tensor,
+    weight: &Tensor,
+    packed: &Arc<PackedRows>,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+) -> Result<Tensor> {
+    let (_, c, h, w) = x.dims4()?;
+    let (_, _, k, _) = weight.dims4()?;
+    let p = Patches { kernel: k, stride, padding, dilation, channels: c, h, w };
+    apply(x, weight, Conv(p, Some(packed.clone())))
+}
+
+/// `(x, W) -> y`: the convolution, with W's packed copy when it has one.
+#[derive(Debug, Clone)]
+struct Conv(Patches, Option<Arc<PackedRows>>);
 
 /// `(g, W) -> ∂x`: the input gradient for output gradient `g` (a transposed convolution).
 #[derive(Debug, Clone, Copy)]
@@ -266,7 +293,12 @@ impl CustomOp2 for Conv {
         let (x, weight) = (cpu_f32(s1, l1, "conv2d")?, cpu_f32(s2, l2, "conv2d")?);
         let (b, c_out) = (l1.dims()[0], l2.dims()[0]);
         let (oh, ow) = p.out_hw();
-        Ok((CpuStorage::F32(convolve(p, x, &Mat::rows(weight, p.rows()), c_out)), Shape::from((b, c_out, oh, ow))))
+        let weight = Mat::rows(weight, p.rows());
+        let y = match &self.1 {
+            Some(packed) => convolve(p, x, &Prepacked { lines: weight, packed }, c_out),
+            None => convolve(p, x, &weight, c_out),
+        };
+        Ok((CpuStorage::F32(y), Shape::from((b, c_out, oh, ow))))
     }
 
     fn bwd(
@@ -328,7 +360,10 @@ impl CustomOp2 for GradInput {
         _res: &Tensor,
         r: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((needed(grad, || apply(r, weight, Conv(self.0)))?, needed(weight, || apply(r, grad, GradWeight(self.0)))?))
+        Ok((
+            needed(grad, || apply(r, weight, Conv(self.0, None)))?,
+            needed(weight, || apply(r, grad, GradWeight(self.0)))?,
+        ))
     }
 }
 
@@ -354,7 +389,7 @@ impl CustomOp2 for GradWeight {
 
     /// `⟨g·cols(x)ᵀ, R⟩`: `∂x = col2im(Rᵀ·g)`, `∂g = conv(x, R)`.
     fn bwd(&self, x: &Tensor, grad: &Tensor, _res: &Tensor, r: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((needed(x, || apply(grad, r, GradInput(self.0)))?, needed(grad, || apply(x, r, Conv(self.0)))?))
+        Ok((needed(x, || apply(grad, r, GradInput(self.0)))?, needed(grad, || apply(x, r, Conv(self.0, None)))?))
     }
 }
 

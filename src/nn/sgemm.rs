@@ -30,6 +30,58 @@ pub trait Lines: Sync {
     /// `width` lines: panel `q` starts at `dst[q · width · kc]` and holds, at offset
     /// `p · width + l`, entry `(line0 + q · width + l, depth0 + p)`; zero past `lines`.
     fn pack(&self, line0: usize, lines: usize, depth0: usize, kc: usize, width: usize, dst: &mut [f32]);
+
+    /// The whole operand already packed as the product's A ([`PackedRows`]), if it is.
+    fn packed_rows(&self) -> Option<&PackedRows> {
+        None
+    }
+}
+
+/// An `m x k` operand packed once as a product's A (panels of `MR` lines, depth block by depth
+/// block, as the product packs A itself), for a matrix used in many products: a frozen
+/// network's kernel is packed once instead of in every forward.
+pub struct PackedRows {
+    panels: Vec<CacheLine>,
+    padded_lines: usize,
+    lines: usize,
+    depth: usize,
+}
+
+impl PackedRows {
+    pub fn new(operand: &impl Lines, lines: usize, depth: usize) -> Self {
+        // Its own memory, at its size (not one of the thread's spare buffers, which may be larger).
+        let padded_lines = lines.div_ceil(MR) * MR;
+        let mut panels = PanelBuf(vec![CacheLine([0.0; 16]); (padded_lines * depth).div_ceil(16)]);
+        pack_all_into(operand, lines, depth, MR, panels.as_mut_slice());
+        Self { panels: std::mem::take(&mut panels.0), padded_lines, lines, depth }
+    }
+
+    fn as_slice(&self) -> &[f32] {
+        // SAFETY: `CacheLine` is 16 f32s with no padding (repr(C), 64 bytes).
+        unsafe { std::slice::from_raw_parts(self.panels.as_ptr().cast(), self.panels.len() * 16) }
+    }
+}
+
+impl std::fmt::Debug for PackedRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedRows({}x{})", self.lines, self.depth)
+    }
+}
+
+/// A matrix with its packed copy: products use the copy as A, anything else packs `lines`.
+pub struct Prepacked<'a, L> {
+    pub lines: L,
+    pub packed: &'a PackedRows,
+}
+
+impl<L: Lines> Lines for Prepacked<'_, L> {
+    fn pack(&self, line0: usize, lines: usize, depth0: usize, kc: usize, width: usize, dst: &mut [f32]) {
+        self.lines.pack(line0, lines, depth0, kc, width, dst);
+    }
+
+    fn packed_rows(&self) -> Option<&PackedRows> {
+        Some(self.packed)
+    }
 }
 
 /// A strided matrix of lines: entry `(l, p)` is `data[l · ls + p · ps]`.
@@ -326,10 +378,17 @@ impl<L: Lines> Side<'_, L> {
 fn pack_all(operand: &impl Lines, lines: usize, k: usize, width: usize) -> (PanelBuf, usize) {
     let padded_lines = lines.div_ceil(width) * width;
     let mut packed = PanelBuf::take(padded_lines * k);
+    pack_all_into(operand, lines, k, width, packed.as_mut_slice());
+    (packed, padded_lines)
+}
+
+/// [`pack_all`] into `dst` (at least `lines` rounded up to `width`, times `k` floats).
+fn pack_all_into(operand: &impl Lines, lines: usize, k: usize, width: usize, dst: &mut [f32]) {
+    let padded_lines = lines.div_ceil(width) * width;
     // Each depth block in as many runs of whole panels as there are threads.
     let per_run = padded_lines.div_ceil(width).div_ceil(rayon::current_num_threads()) * width;
     let mut runs = Vec::new();
-    let mut rest = packed.as_mut_slice();
+    let mut rest = dst;
     for pc in (0..k).step_by(KC) {
         let kc = KC.min(k - pc);
         for l in (0..lines).step_by(per_run) {
@@ -339,7 +398,6 @@ fn pack_all(operand: &impl Lines, lines: usize, k: usize, width: usize) -> (Pane
         }
     }
     runs.into_par_iter().for_each(|(pc, kc, l, run)| operand.pack(l, per_run.min(lines - l), pc, kc, width, run));
-    (packed, padded_lines)
 }
 
 fn sgemm_with<A: Lines, B: Lines>(tile: Tile, m: usize, n: usize, k: usize, a: &A, b: &B, c: Dest) {
@@ -359,7 +417,16 @@ fn sgemm_with<A: Lines, B: Lines>(tile: Tile, m: usize, n: usize, k: usize, a: &
     let split_n = tiles_n >= tiles_m;
     let tiles = if split_n { tiles_n } else { tiles_m };
     let parts = parts.min(tiles);
-    let (packed, padded_lines) = if split_n { pack_all(a, m, k, MR) } else { pack_all(b, n, k, NR) };
+    let prepacked = a.packed_rows();
+    if let Some(p) = prepacked {
+        assert!((p.lines, p.depth) == (m, k), "sgemm: A packed as {}x{}, used as {m}x{k}", p.lines, p.depth);
+    }
+    let prepacked = prepacked.map(|p| (p.as_slice(), p.padded_lines));
+    let (packed, padded_lines) = match (split_n, &prepacked) {
+        (true, Some(_)) => (PanelBuf(Vec::new()), 0),
+        (true, None) => pack_all(a, m, k, MR),
+        (false, _) => pack_all(b, n, k, NR),
+    };
     (0..parts).into_par_iter().for_each(|part| {
         // Tiles spread evenly (37 in 8 parts: 5 and 4, not seven of 5 and one of 2).
         let (first, end) = (part * tiles / parts, (part + 1) * tiles / parts);
@@ -368,12 +435,16 @@ fn sgemm_with<A: Lines, B: Lines>(tile: Tile, m: usize, n: usize, k: usize, a: &
         }
         // SAFETY: parts cover disjoint tile ranges of C, inside the bounds checked above.
         unsafe {
+            let a_side = |own| match prepacked {
+                Some((panels, padded_lines)) => Side::Packed { panels, padded_lines },
+                None => own,
+            };
             if split_n {
-                let a: Side<A> = Side::Packed { panels: packed.as_slice(), padded_lines };
+                let a = a_side(Side::Packed { panels: packed.as_slice(), padded_lines });
                 blocked(tile, 0..m, first * NR..(end * NR).min(n), k, &a, &Side::Lazy(b), out);
             } else {
                 let b: Side<B> = Side::Packed { panels: packed.as_slice(), padded_lines };
-                blocked(tile, first * MR..(end * MR).min(m), 0..n, k, &Side::Lazy(a), &b, out);
+                blocked(tile, first * MR..(end * MR).min(m), 0..n, k, &a_side(Side::Lazy(a)), &b, out);
             }
         }
     });
@@ -658,5 +729,30 @@ mod tests {
             sgemm_new(3, 4, 4, &Mat::rows(&av, 4), &Mat::rows(&bv, 4), |c| Dest::rows_uninit(c, 5))
         });
         assert!(gaps.is_err(), "a row stride wider than the row leaves gaps");
+    }
+
+    /// A product with A packed beforehand equals the one that packs A itself, bit for bit, when
+    /// A is shared by all parts (wide products) and when each part takes a share of its rows
+    /// (tall ones, several depth blocks); the same copy serves repeated products; a copy of
+    /// another shape is refused.
+    #[test]
+    fn prepacked_a_equals_packing_in_the_product() {
+        for &(m, n, k) in &[(13, 578, 300), (700, 40, 520), (64, 2178, 576), (5, 3, 9)] {
+            let (av, bv) = (values(m * k, 8), values(k * n, 9));
+            let (a, b) = (Mat::rows(&av, k), Mat::columns(&bv, n));
+            let packed = PackedRows::new(&a, m, k);
+            let want = sgemm_new(m, n, k, &a, &b, |c| Dest::rows_uninit(c, n));
+            for round in 0..2 {
+                let got = sgemm_new(m, n, k, &Prepacked { lines: a, packed: &packed }, &b, |c| Dest::rows_uninit(c, n));
+                assert_eq!(got, want, "{m}x{n}x{k}, round {round}");
+            }
+        }
+        let (av, bv) = (values(12, 6), values(12, 7));
+        let packed = PackedRows::new(&Mat::rows(&av, 4), 3, 4);
+        let misfit = std::panic::catch_unwind(|| {
+            let a = Prepacked { lines: Mat::rows(&av, 3), packed: &packed };
+            sgemm_new(4, 3, 3, &a, &Mat::rows(&bv, 3), |c| Dest::rows_uninit(c, 3))
+        });
+        assert!(misfit.is_err(), "A packed as 3x4 used as 4x3");
     }
 }
