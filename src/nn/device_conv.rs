@@ -21,7 +21,11 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize, dilati
     if !(x.track_op() || weight.track_op()) {
         return op.forward(x, weight);
     }
-    x.contiguous()?.apply_op2(&weight.contiguous()?, op)
+    // The op wraps its inputs' buffers whole, so each must be contiguous from the buffer's start.
+    let own = |t: &Tensor| {
+        if t.is_contiguous() && t.layout().start_offset() == 0 { Ok(t.clone()) } else { t.force_contiguous() }
+    };
+    own(x)?.apply_op2(&own(weight)?, op)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -200,6 +204,9 @@ mod tests {
             let what = format!("case {i} ({c}->{co}, {h}x{w}, k{k} s{s} p{p} d{d})");
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, c, h, w), &dev)?)?;
             let wt = Var::from_tensor(&Tensor::randn(0f32, 0.3, (co, c, k, k), &dev)?)?;
+            // The second image alone: a view that starts inside its buffer.
+            let second = conv2d(&x.narrow(0, 1, 1)?, &wt, s, p, d)?;
+            close(&second, &super::super::im2col::conv2d(&x.narrow(0, 1, 1)?, &wt, s, p, d)?, &what)?;
             let y = conv2d(&x, &wt, s, p, d)?;
             let y_ref = super::super::im2col::conv2d(&x, &wt, s, p, d)?;
             close(&y, &y_ref, &format!("{what} forward"))?;
