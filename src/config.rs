@@ -112,7 +112,7 @@ pub struct RunArgs {
     /// The teacher's weights file.
     #[arg(long)]
     pub teacher: Option<String>,
-    /// Where the run's files go (default runs/<task>-<unix time>).
+    /// Where the run's files go (default `runs/<task>-<unix time>`).
     #[arg(long, conflicts_with = "resume")]
     pub run_dir: Option<std::path::PathBuf>,
     /// Continue the run in this directory from its last checkpoint, with its config.
