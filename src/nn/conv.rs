@@ -91,12 +91,8 @@ impl Conv {
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let s = &self.spec;
-        let frozen_on_cpu = x.device().is_cpu()
-            && x.dtype() == candle_core::DType::F32
-            && self.weight.device().is_cpu()
-            && self.weight.dtype() == candle_core::DType::F32
-            && !self.weight.is_variable();
-        let y = if frozen_on_cpu {
+        // `conv2d`'s CPU path, with the weight's packed copy.
+        let y = if !self.weight.is_variable() && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
             let packed = match self.packed.get() {
                 Some(packed) => packed,
                 None => {

@@ -226,13 +226,24 @@ fn convolve(p: Patches, x: &[f32], weight: &impl Lines, c_out: usize) -> Vec<f32
 /// `[C_out, C, k, k]`. Only `x` and the weight are kept for the backward, which reads the patches
 /// from `x` again (a patch matrix is nine times the input for a 3x3 kernel).
 pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize, dilation: usize) -> Result<Tensor> {
+    conv2d_with(x, weight, stride, padding, dilation, None)
+}
+
+fn conv2d_with(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+    packed: Option<Arc<PackedRows>>,
+) -> Result<Tensor> {
     let (_, c, h, w) = x.dims4()?;
     let (_, c_w, k, k2) = weight.dims4()?;
     if c_w != c || k != k2 {
         candle_core::bail!("conv2d: input {:?} and weight {:?} do not fit", x.dims(), weight.dims());
     }
     let p = Patches { kernel: k, stride, padding, dilation, channels: c, h, w };
-    apply(x, weight, Conv(p, None))
+    apply(x, weight, Conv(p, packed))
 }
 
 /// `weight` `[C_out, C, k, k]` (f32, CPU) packed once for [`conv2d_prepacked`].
@@ -255,10 +266,7 @@ pub fn conv2d_prepacked(
     padding: usize,
     dilation: usize,
 ) -> Result<Tensor> {
-    let (_, c, h, w) = x.dims4()?;
-    let (_, _, k, _) = weight.dims4()?;
-    let p = Patches { kernel: k, stride, padding, dilation, channels: c, h, w };
-    apply(x, weight, Conv(p, Some(packed.clone())))
+    conv2d_with(x, weight, stride, padding, dilation, Some(packed.clone()))
 }
 
 /// `(x, W) -> y`: the convolution, with W's packed copy when it has one.

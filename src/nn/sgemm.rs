@@ -42,7 +42,6 @@ pub trait Lines: Sync {
 /// network's kernel is packed once instead of in every forward.
 pub struct PackedRows {
     panels: Vec<CacheLine>,
-    padded_lines: usize,
     lines: usize,
     depth: usize,
 }
@@ -50,10 +49,14 @@ pub struct PackedRows {
 impl PackedRows {
     pub fn new(operand: &impl Lines, lines: usize, depth: usize) -> Self {
         // Its own memory, at its size (not one of the thread's spare buffers, which may be larger).
-        let padded_lines = lines.div_ceil(MR) * MR;
-        let mut panels = PanelBuf(vec![CacheLine([0.0; 16]); (padded_lines * depth).div_ceil(16)]);
+        let mut panels = PanelBuf(vec![CacheLine([0.0; 16]); (lines.div_ceil(MR) * MR * depth).div_ceil(16)]);
         pack_all_into(operand, lines, depth, MR, panels.as_mut_slice());
-        Self { panels: std::mem::take(&mut panels.0), padded_lines, lines, depth }
+        Self { panels: std::mem::take(&mut panels.0), lines, depth }
+    }
+
+    /// Lines rounded up to whole panels, as [`pack_all`] lays them.
+    fn padded_lines(&self) -> usize {
+        self.lines.div_ceil(MR) * MR
     }
 
     fn as_slice(&self) -> &[f32] {
@@ -421,7 +424,7 @@ fn sgemm_with<A: Lines, B: Lines>(tile: Tile, m: usize, n: usize, k: usize, a: &
     if let Some(p) = prepacked {
         assert!((p.lines, p.depth) == (m, k), "sgemm: A packed as {}x{}, used as {m}x{k}", p.lines, p.depth);
     }
-    let prepacked = prepacked.map(|p| (p.as_slice(), p.padded_lines));
+    let prepacked = prepacked.map(|p| (p.as_slice(), p.padded_lines()));
     let (packed, padded_lines) = match (split_n, &prepacked) {
         (true, Some(_)) => (PanelBuf(Vec::new()), 0),
         (true, None) => pack_all(a, m, k, MR),
