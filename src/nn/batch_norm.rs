@@ -8,7 +8,6 @@
 //! other dtypes) Candle's own BatchNorm runs. The fused backward is first-order only: a network
 //! differentiated twice (the critic) uses Candle's.
 
-use super::par_collect;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, ModuleT, Result, Shape, Tensor, Var};
 use candle_nn::{BatchNormConfig, VarBuilder};
 use rayon::prelude::*;
@@ -38,19 +37,13 @@ impl Activation {
         }
     }
 
-    /// The derivative at the pre-activation whose output is `y` (both activations keep the
-    /// sign, so `y` tells the side).
-    fn derivative_at_output(self, y: f32) -> f32 {
+    /// The derivative where the output is not positive (1 above: every activation here keeps
+    /// the sign, so the output tells the side); one select per value, which vectorises.
+    fn derivative_below_zero(self) -> f32 {
         match self {
             Self::Identity => 1.0,
-            Self::Relu => (y > 0.0) as u8 as f32,
-            Self::LeakyRelu(slope) => {
-                if y > 0.0 {
-                    1.0
-                } else {
-                    slope
-                }
-            }
+            Self::Relu => 0.0,
+            Self::LeakyRelu(slope) => slope,
         }
     }
 
@@ -143,20 +136,46 @@ fn inputs<'a>(args: [(&'a CpuStorage, &Layout); 3]) -> Result<([&'a [f32]; 3], [
     Ok(([slice(args[0])?, slice(args[1])?, slice(args[2])?], [b, c, h * w]))
 }
 
-/// Lanes of the sums below: independent chains the compiler keeps in vector registers (one
-/// running f64 sum waits on every add, four cycles per value).
-const LANES: usize = 8;
+/// Lanes of the sums below: independent f32 chains, one 16-wide vector register each.
+const LANES: usize = 16;
+/// Values summed in f32 lanes before their block's total joins the f64 sum (16 per lane).
+const BLOCK: usize = 16 * LANES;
 
-/// `Σ f(i)` for `i < n`, `K` sums at once, in f64, each in [`LANES`] interleaved partial sums.
-fn lane_sums<const K: usize>(n: usize, f: impl Fn(usize) -> [f64; K]) -> [f64; K] {
-    let mut lanes = [[0f64; K]; LANES];
-    let whole = n / LANES * LANES;
-    for i in (0..whole).step_by(LANES) {
-        for (l, lane) in lanes.iter_mut().enumerate() {
-            lane.iter_mut().zip(f(i + l)).for_each(|(s, v)| *s += v);
+/// `Σ f(i)` for `i < n`, `K` sums at once: within blocks of [`BLOCK`] values in [`LANES`]
+/// interleaved f32 partial sums, which vectorise (the f64 lanes before did not), the blocks'
+/// totals in f64, so that a long plane loses no more than a short one.
+fn lane_sums<const K: usize>(n: usize, f: impl Fn(usize) -> [f32; K]) -> [f64; K] {
+    let mut total = [0f64; K];
+    for start in (0..n).step_by(BLOCK) {
+        let len = BLOCK.min(n - start);
+        let whole = len / LANES * LANES;
+        let mut lanes = [[0f32; LANES]; K];
+        for i in (start..start + whole).step_by(LANES) {
+            for l in 0..LANES {
+                for (lane, v) in lanes.iter_mut().zip(f(i + l)) {
+                    lane[l] += v;
+                }
+            }
+        }
+        for k in 0..K {
+            let rest: f32 = (start + whole..start + len).map(|i| f(i)[k]).sum();
+            total[k] += lanes[k].iter().map(|&v| v as f64).sum::<f64>() + rest as f64;
         }
     }
-    std::array::from_fn(|k| lanes.iter().map(|lane| lane[k]).sum::<f64>() + (whole..n).map(|i| f(i)[k]).sum::<f64>())
+    total
+}
+
+/// The planes of a `[B, C, H·W]` map being written, grouped by channel: entry `ch` holds its
+/// `B` planes in image order.
+fn channel_planes<T>(map: &mut [T], channels: usize, plane: usize) -> Vec<Vec<&mut [T]>> {
+    let mut by_channel: Vec<Vec<&mut [T]>> = (0..channels).map(|_| Vec::new()).collect();
+    if plane == 0 {
+        return by_channel;
+    }
+    for (i, p) in map.chunks_exact_mut(plane).enumerate() {
+        by_channel[i % channels].push(p);
+    }
+    by_channel
 }
 
 /// The `(image, channel)` planes of channel `c` in a contiguous `[B, C, H·W]` map.
@@ -190,26 +209,39 @@ impl CustomOp3 for Normalize {
     ) -> Result<(CpuStorage, Shape)> {
         let ([x, weight, bias], [b, c, plane]) = inputs([(s1, l1), (s2, l2), (s3, l3)])?;
         let mut stats = self.stats.lock().expect("statistics");
-        if self.batch_stats {
-            let n = (b * plane) as f64;
-            let (mean, var): (Vec<f32>, Vec<f32>) = (0..c)
-                .into_par_iter()
-                .map(|ch| {
-                    let mean = planes(x, c, plane, ch).map(|p| lane_sums(plane, |i| [p[i] as f64])[0]).sum::<f64>() / n;
-                    let squares = |p: &[f32]| lane_sums(plane, |i| [(p[i] as f64 - mean).powi(2)])[0];
+        let given = &*stats;
+        let n = (b * plane) as f64;
+        let mut y = Vec::with_capacity(x.len());
+        // A channel's statistics and its output in one task, its planes still in cache.
+        let batch: Vec<(f32, f32, f32)> = channel_planes(&mut y.spare_capacity_mut()[..x.len()], c, plane)
+            .into_par_iter()
+            .enumerate()
+            .map(|(ch, out)| {
+                let (mean, var, invstd) = if self.batch_stats {
+                    let mean = planes(x, c, plane, ch).map(|p| lane_sums(plane, |i| [p[i]])[0]).sum::<f64>() / n;
+                    let centre = mean as f32;
+                    let squares = |p: &[f32]| lane_sums(plane, |i| [(p[i] - centre).powi(2)])[0];
                     let var = planes(x, c, plane, ch).map(squares).sum::<f64>() / n;
-                    (mean as f32, var as f32)
-                })
-                .unzip();
-            let invstd = var.iter().map(|&v| (1.0 / (v as f64 + self.eps).sqrt()) as f32).collect();
+                    (mean as f32, var as f32, (1.0 / (var as f32 as f64 + self.eps).sqrt()) as f32)
+                } else {
+                    (given.mean[ch], given.var[ch], given.invstd[ch])
+                };
+                let scale = weight[ch] * invstd;
+                let shift = bias[ch] - mean * scale;
+                for (dst, src) in out.into_iter().zip(planes(x, c, plane, ch)) {
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        d.write(self.act.apply(v * scale + shift));
+                    }
+                }
+                (mean, var, invstd)
+            })
+            .collect();
+        // SAFETY: every plane of `y` was written above (`channel_planes` covers them all).
+        unsafe { y.set_len(x.len()) };
+        if self.batch_stats {
+            let (mean, (var, invstd)) = batch.into_iter().map(|(m, v, s)| (m, (v, s))).unzip();
             *stats = ChannelStats { mean, invstd, var };
         }
-        let y = par_collect(x.len(), plane, |i| {
-            let ch = i % c;
-            let scale = weight[ch] * stats.invstd[ch];
-            let shift = bias[ch] - stats.mean[ch] * scale;
-            x[i * plane..][..plane].iter().map(move |&v| self.act.apply(v * scale + shift))
-        });
         Ok((CpuStorage::F32(y), Shape::from(l1.dims())))
     }
 
@@ -273,35 +305,45 @@ impl CustomOp3 for NormalizeGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let ([x, y, grad], [b, c, plane]) = inputs([(s1, l1), (s2, l2), (s3, l3)])?;
         let ChannelStats { mean, invstd, .. } = &self.stats;
-        let (sum_g, sum_gx): (Vec<f32>, Vec<f32>) = (0..c)
+        let n = (b * plane) as f32;
+        // Indexed by whether the output is positive: no branch on the (unpredictable) sign.
+        let slopes = [self.act.derivative_below_zero(), 1.0];
+        let mut dx = Vec::with_capacity(x.len());
+        // A channel's sums and its input gradient in one task, its planes still in cache for the
+        // second pass (before, each pass went over the whole map: the planes were out of L2 by
+        // the second).
+        let sums: Vec<(f32, f32)> = channel_planes(&mut dx.spare_capacity_mut()[..x.len()], c, plane)
             .into_par_iter()
-            .map(|ch| {
+            .enumerate()
+            .map(|(ch, out)| {
+                let (mean, invstd) = (mean[ch], invstd[ch]);
+                let at = |i: usize| (i * c + ch) * plane;
                 let (mut g_sum, mut gx_sum) = (0f64, 0f64);
-                let triples = planes(x, c, plane, ch).zip(planes(y, c, plane, ch)).zip(planes(grad, c, plane, ch));
-                for ((xs, ys), gs) in triples {
-                    let [g, gx] = lane_sums(plane, |i| {
-                        let g = gs[i] * self.act.derivative_at_output(ys[i]);
-                        [g as f64, (g * (xs[i] - mean[ch]) * invstd[ch]) as f64]
+                for i in 0..b {
+                    let (xs, ys, gs) = (&x[at(i)..][..plane], &y[at(i)..][..plane], &grad[at(i)..][..plane]);
+                    let [g, gx] = lane_sums(plane, |j| {
+                        let g = gs[j] * slopes[(ys[j] > 0.0) as usize];
+                        [g, g * (xs[j] - mean) * invstd]
                     });
                     (g_sum, gx_sum) = (g_sum + g, gx_sum + gx);
                 }
-                (g_sum as f32, gx_sum as f32)
+                let (g_sum, gx_sum) = (g_sum as f32, gx_sum as f32);
+                let scale = self.weight[ch] * invstd;
+                // Training mode: the batch mean and variance depend on x too.
+                let (g_mean, gx_mean) = if self.batch_stats { (g_sum / n, gx_sum / n) } else { (0.0, 0.0) };
+                for (i, dst) in out.into_iter().enumerate() {
+                    let (xs, ys, gs) = (&x[at(i)..][..plane], &y[at(i)..][..plane], &grad[at(i)..][..plane]);
+                    for (((d, &xv), &yv), &gv) in dst.iter_mut().zip(xs).zip(ys).zip(gs) {
+                        let g = gv * slopes[(yv > 0.0) as usize];
+                        d.write(scale * (g - g_mean - (xv - mean) * invstd * gx_mean));
+                    }
+                }
+                (g_sum, gx_sum)
             })
-            .unzip();
-        let n = (b * plane) as f32;
-        let dx = par_collect(x.len(), plane, |i| {
-            let ch = i % c;
-            let (xs, ys, gs) = (&x[i * plane..][..plane], &y[i * plane..][..plane], &grad[i * plane..][..plane]);
-            let scale = self.weight[ch] * invstd[ch];
-            // Training mode: the batch mean and variance depend on x too.
-            let (g_mean, gx_mean) = if self.batch_stats { (sum_g[ch] / n, sum_gx[ch] / n) } else { (0.0, 0.0) };
-            let (mean, invstd) = (mean[ch], invstd[ch]);
-            xs.iter().zip(ys).zip(gs).map(move |((&xv, &yv), &gv)| {
-                let g = gv * self.act.derivative_at_output(yv);
-                let x_hat = (xv - mean) * invstd;
-                scale * (g - g_mean - x_hat * gx_mean)
-            })
-        });
+            .collect();
+        // SAFETY: every plane of `dx` was written above (`channel_planes` covers them all).
+        unsafe { dx.set_len(x.len()) };
+        let (sum_g, sum_gx) = sums.into_iter().unzip();
         *self.sums.lock().expect("sums") = GradSums { grad: sum_g, grad_x_hat: sum_gx };
         Ok((CpuStorage::F32(dx), Shape::from(l1.dims())))
     }

@@ -131,19 +131,24 @@ impl CustomOp2 for CrossEntropyGrad {
         let ce = &self.loss;
         let (logits, labels, plane) = ce.inputs(s1, l1, s2, l2)?;
         let per_pixel = (self.scale as f64 / ce.count(labels)) as f32;
-        // One image's class planes per task, written pixel by pixel down the classes.
+        // One image's class planes per task, written pixel by pixel down the classes; each
+        // pixel's `exp(x − max)` computed once, for its sum and its softmax (two `exp` calls per
+        // logit were most of this pass).
         let mut grad = vec![0f32; logits.len()];
         grad.par_chunks_mut(ce.classes * plane).enumerate().for_each(|(n, image)| {
+            let mut exps = vec![0f32; ce.classes];
             for s in 0..plane {
                 let label = labels[n * plane + s];
                 if label == ce.ignore {
                     continue;
                 }
-                let (at, max, sum) = ce.column(logits, n * plane + s, plane);
-                for k in 0..ce.classes {
-                    let softmax = (logits[at + k * plane] - max).exp() / sum;
+                let at = n * ce.classes * plane + s;
+                let max = (0..ce.classes).map(|k| logits[at + k * plane]).fold(f32::NEG_INFINITY, f32::max);
+                exps.iter_mut().enumerate().for_each(|(k, e)| *e = (logits[at + k * plane] - max).exp());
+                let sum: f32 = exps.iter().sum();
+                for (k, &e) in exps.iter().enumerate() {
                     let onehot = if k == label as usize { 1.0 } else { 0.0 };
-                    image[k * plane + s] = (softmax - onehot) * per_pixel;
+                    image[k * plane + s] = (e / sum - onehot) * per_pixel;
                 }
             }
         });
