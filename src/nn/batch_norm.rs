@@ -317,10 +317,9 @@ impl CustomOp3 for NormalizeGrad {
             .enumerate()
             .map(|(ch, out)| {
                 let (mean, invstd) = (mean[ch], invstd[ch]);
-                let at = |i: usize| (i * c + ch) * plane;
+                let triples = || planes(x, c, plane, ch).zip(planes(y, c, plane, ch)).zip(planes(grad, c, plane, ch));
                 let (mut g_sum, mut gx_sum) = (0f64, 0f64);
-                for i in 0..b {
-                    let (xs, ys, gs) = (&x[at(i)..][..plane], &y[at(i)..][..plane], &grad[at(i)..][..plane]);
+                for ((xs, ys), gs) in triples() {
                     let [g, gx] = lane_sums(plane, |j| {
                         let g = gs[j] * slopes[(ys[j] > 0.0) as usize];
                         [g, g * (xs[j] - mean) * invstd]
@@ -331,8 +330,7 @@ impl CustomOp3 for NormalizeGrad {
                 let scale = self.weight[ch] * invstd;
                 // Training mode: the batch mean and variance depend on x too.
                 let (g_mean, gx_mean) = if self.batch_stats { (g_sum / n, gx_sum / n) } else { (0.0, 0.0) };
-                for (i, dst) in out.into_iter().enumerate() {
-                    let (xs, ys, gs) = (&x[at(i)..][..plane], &y[at(i)..][..plane], &grad[at(i)..][..plane]);
+                for (dst, ((xs, ys), gs)) in out.into_iter().zip(triples()) {
                     for (((d, &xv), &yv), &gv) in dst.iter_mut().zip(xs).zip(ys).zip(gs) {
                         let g = gv * slopes[(yv > 0.0) as usize];
                         d.write(scale * (g - g_mean - (xv - mean) * invstd * gx_mean));

@@ -65,12 +65,13 @@ impl CrossEntropy {
     }
 
     /// Where pixel `q`'s logit of class 0 lies (its others follow `plane` apart), the max of
-    /// its logits and `Σ exp(x − max)`: Candle's `log_softmax` in the same order.
-    fn column(&self, logits: &[f32], q: usize, plane: usize) -> (usize, f32, f32) {
+    /// its logits and `Σ exp(x − max)`, leaving each `exp(x − max)` in `exps` (one per class):
+    /// Candle's `log_softmax` in the same order.
+    fn column(&self, logits: &[f32], q: usize, plane: usize, exps: &mut [f32]) -> (usize, f32, f32) {
         let at = q / plane * self.classes * plane + q % plane;
-        let column = (0..self.classes).map(|k| logits[at + k * plane]);
-        let max = column.clone().fold(f32::NEG_INFINITY, f32::max);
-        (at, max, column.map(|x| (x - max).exp()).sum())
+        let max = (0..self.classes).map(|k| logits[at + k * plane]).fold(f32::NEG_INFINITY, f32::max);
+        exps.iter_mut().enumerate().for_each(|(k, e)| *e = (logits[at + k * plane] - max).exp());
+        (at, max, exps.iter().sum())
     }
 
     /// Valid pixels, at least 1.
@@ -90,10 +91,11 @@ impl CustomOp2 for CrossEntropy {
             .par_chunks(CHUNK)
             .enumerate()
             .map(|(i, chunk)| {
+                let mut exps = vec![0f32; self.classes];
                 let valid = chunk.iter().enumerate().filter(|&(_, &l)| l != self.ignore);
                 valid
                     .map(|(j, &l)| {
-                        let (at, max, sum) = self.column(logits, i * CHUNK + j, plane);
+                        let (at, max, sum) = self.column(logits, i * CHUNK + j, plane, &mut exps);
                         ((logits[at + l as usize * plane] - max) - sum.ln()) as f64
                     })
                     .sum::<f64>()
@@ -132,8 +134,8 @@ impl CustomOp2 for CrossEntropyGrad {
         let (logits, labels, plane) = ce.inputs(s1, l1, s2, l2)?;
         let per_pixel = (self.scale as f64 / ce.count(labels)) as f32;
         // One image's class planes per task, written pixel by pixel down the classes; each
-        // pixel's `exp(x − max)` computed once, for its sum and its softmax (two `exp` calls per
-        // logit were most of this pass).
+        // `exp(x − max)` is taken once, for the sum and the softmax (taking it twice per logit
+        // was most of this pass).
         let mut grad = vec![0f32; logits.len()];
         grad.par_chunks_mut(ce.classes * plane).enumerate().for_each(|(n, image)| {
             let mut exps = vec![0f32; ce.classes];
@@ -142,10 +144,7 @@ impl CustomOp2 for CrossEntropyGrad {
                 if label == ce.ignore {
                     continue;
                 }
-                let at = n * ce.classes * plane + s;
-                let max = (0..ce.classes).map(|k| logits[at + k * plane]).fold(f32::NEG_INFINITY, f32::max);
-                exps.iter_mut().enumerate().for_each(|(k, e)| *e = (logits[at + k * plane] - max).exp());
-                let sum: f32 = exps.iter().sum();
+                let (_, _, sum) = ce.column(logits, n * plane + s, plane, &mut exps);
                 for (k, &e) in exps.iter().enumerate() {
                     let onehot = if k == label as usize { 1.0 } else { 0.0 };
                     image[k * plane + s] = (e / sum - onehot) * per_pixel;
