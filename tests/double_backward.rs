@@ -25,15 +25,32 @@ fn critic_step() -> Vec<(String, Vec<f32>)> {
     out
 }
 
+/// Whether a convolution weight's gradient still tracks ops after a backward on this thread:
+/// where the thread keeps the graph of gradients it must (to be differentiated again); elsewhere
+/// it must not, or it keeps the layer's output gradient alive in the gradient store.
+fn conv_weight_gradient_tracks() -> bool {
+    let dev = Device::Cpu;
+    let x = candle_core::Var::from_tensor(&Tensor::ones((2, 3, 9, 9), candle_core::DType::F32, &dev).expect("x"))
+        .expect("var");
+    let w = candle_core::Var::from_tensor(&Tensor::ones((4, 3, 3, 3), candle_core::DType::F32, &dev).expect("w"))
+        .expect("var");
+    let y = skd::nn::im2col::conv2d(x.as_tensor(), w.as_tensor(), 1, 1, 1).expect("conv");
+    let grads = y.sqr().and_then(|t| t.sum_all()).and_then(|t| t.backward()).expect("backward");
+    grads.get(w.as_tensor()).expect("weight gradient").track_op()
+}
+
 #[test]
 fn penalty_through_the_worker_equals_the_process_wide_flag() {
     assert!(std::env::var_os("CANDLE_GRAD_DO_NOT_DETACH").is_some(), ".cargo/config.toml sets the flag for tests");
     let reference = critic_step();
+    assert!(conv_weight_gradient_tracks(), "with the flag a gradient keeps its graph");
     // As skd::init_process does: the worker latches the flag, then the flag goes away.
     assert!(skd::nn::double_backward::start().expect("worker"));
     // SAFETY: this process runs this one test; the worker has latched the flag and waits.
     unsafe { std::env::remove_var("CANDLE_GRAD_DO_NOT_DETACH") };
-    let through_worker = std::thread::spawn(critic_step).join().expect("a first-order thread");
+    let (through_worker, tracks) =
+        std::thread::spawn(|| (critic_step(), conv_weight_gradient_tracks())).join().expect("a first-order thread");
+    assert!(!tracks, "without the flag a weight's gradient is detached");
     assert_eq!(reference.len(), through_worker.len());
     for ((k, a), (_, b)) in reference.iter().zip(&through_worker) {
         let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);

@@ -10,6 +10,7 @@
 //! gradient with the patch matrix, gathered from k² shifted views of the input (cuBLAS). Both are
 //! made of differentiable ops, so the WGAN-GP penalty's double backward runs through them.
 
+use super::double_backward::operand;
 use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor};
@@ -164,8 +165,9 @@ impl CustomOp2 for Conv {
     }
 
     fn bwd(&self, x: &Tensor, weight: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad_x = x.track_op().then(|| self.input_grad((x.dim(2)?, x.dim(3)?), weight, g)).transpose()?;
-        let grad_w = weight.track_op().then(|| self.weight_grad(x, weight.dims(), g)).transpose()?;
+        let (x_in, weight_in, g) = (operand(x), operand(weight), operand(g));
+        let grad_x = x.track_op().then(|| self.input_grad((x.dim(2)?, x.dim(3)?), &weight_in, &g)).transpose()?;
+        let grad_w = weight.track_op().then(|| self.weight_grad(&x_in, weight.dims(), &g)).transpose()?;
         Ok((grad_x, grad_w))
     }
 }

@@ -20,11 +20,15 @@ type Job = Box<dyn FnOnce() + Send>;
 
 static WORKER: OnceLock<Mutex<Sender<Job>>> = OnceLock::new();
 
-/// Whether this thread keeps the graph of gradients (its first backward decides).
+/// Whether this thread keeps the graph of gradients (its first backward decides). A gradient
+/// tracks ops either way (it is computed from the forward's tracked arguments), so the probe
+/// differentiates twice: `d²/dx² x⁴` at 1 is 12 through the whole graph, 4 when each node's
+/// incoming gradient is detached.
 fn keeps_graph_here() -> Result<bool> {
     let x = Var::new(&[1f32], &Device::Cpu)?;
-    let grads = x.sqr()?.sum_all()?.backward()?;
-    Ok(grads.get(&x).is_some_and(|g| g.track_op()))
+    let Some(first) = x.sqr()?.sqr()?.sum_all()?.backward()?.remove(&x) else { return Ok(false) };
+    let Some(second) = first.sum_all()?.backward()?.remove(&x) else { return Ok(false) };
+    Ok((second.sum_all()?.to_scalar::<f32>()? - 12.0).abs() < 1e-3)
 }
 
 /// Starts the worker thread; call while `CANDLE_GRAD_DO_NOT_DETACH` is set and before other
@@ -61,6 +65,21 @@ fn on_worker<R: Send + 'static>(f: impl FnOnce() -> Result<R> + Send + 'static) 
         .send(job)
         .map_err(|_| candle_core::Error::Msg("the double-backward thread stopped".into()))?;
     rx.recv().map_err(|_| candle_core::Error::Msg("the double-backward thread stopped".into()))?
+}
+
+thread_local! {
+    /// Whether a backward on this thread keeps the graph of gradients, probed once (if the
+    /// probe fails, as if it does: the gradients stay right, only larger).
+    static KEEPS_GRAPH: bool = keeps_graph_here().unwrap_or(true);
+}
+
+/// A forward argument as an op's backward reads it: as it is where this thread's backward keeps
+/// the graph of gradients (so that the gradient can be differentiated again), detached elsewhere.
+/// Candle detaches only the incoming gradient, so a weight's gradient computed from the (tracked)
+/// weight would keep that gradient, a layer's output gradient, alive in the gradient store until
+/// the store is dropped: every layer's at once by the end of the backward.
+pub fn operand(t: &Tensor) -> Tensor {
+    if KEEPS_GRAPH.with(|keeps| *keeps) { t.clone() } else { t.detach() }
 }
 
 /// Whether [`backward_with_graph`] returns gradients that can be differentiated again.

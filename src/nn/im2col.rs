@@ -11,6 +11,7 @@
 //! WGAN-GP penalty included) is one of them again.
 
 use super::cpu_f32;
+use super::double_backward::operand;
 use super::sgemm::{Dest, Lines, Mat, PackedRows, Prepacked, pack_strided, sgemm, sgemm_new};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -281,8 +282,14 @@ struct GradInput(Patches);
 #[derive(Debug, Clone, Copy)]
 struct GradWeight(Patches);
 
+/// `op(a, b)`, differentiable; from a backward, the arguments as [`operand`] gives them.
 fn apply(a: &Tensor, b: &Tensor, op: impl CustomOp2 + Send + Sync + 'static) -> Result<Tensor> {
     a.contiguous()?.apply_op2(&b.contiguous()?, op)
+}
+
+/// [`apply`] inside a backward.
+fn apply_in_backward(a: &Tensor, b: &Tensor, op: impl CustomOp2 + Send + Sync + 'static) -> Result<Tensor> {
+    apply(&operand(a), &operand(b), op)
 }
 
 /// A gradient for `arg` only where the graph needs one: the image a network starts from and
@@ -317,8 +324,8 @@ impl CustomOp2 for Conv {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((
-            needed(x, || apply(grad, weight, GradInput(self.0)))?,
-            needed(weight, || apply(x, grad, GradWeight(self.0)))?,
+            needed(x, || apply_in_backward(grad, weight, GradInput(self.0)))?,
+            needed(weight, || apply_in_backward(x, grad, GradWeight(self.0)))?,
         ))
     }
 }
@@ -369,8 +376,8 @@ impl CustomOp2 for GradInput {
         r: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((
-            needed(grad, || apply(r, weight, Conv(self.0, None)))?,
-            needed(weight, || apply(r, grad, GradWeight(self.0)))?,
+            needed(grad, || apply_in_backward(r, weight, Conv(self.0, None)))?,
+            needed(weight, || apply_in_backward(r, grad, GradWeight(self.0)))?,
         ))
     }
 }
@@ -397,7 +404,10 @@ impl CustomOp2 for GradWeight {
 
     /// `⟨g·cols(x)ᵀ, R⟩`: `∂x = col2im(Rᵀ·g)`, `∂g = conv(x, R)`.
     fn bwd(&self, x: &Tensor, grad: &Tensor, _res: &Tensor, r: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((needed(x, || apply(grad, r, GradInput(self.0)))?, needed(grad, || apply(x, r, Conv(self.0, None)))?))
+        Ok((
+            needed(x, || apply_in_backward(grad, r, GradInput(self.0)))?,
+            needed(grad, || apply_in_backward(x, r, Conv(self.0, None)))?,
+        ))
     }
 }
 
