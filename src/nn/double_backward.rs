@@ -68,23 +68,27 @@ fn on_worker<R: Send + 'static>(f: impl FnOnce() -> Result<R> + Send + 'static) 
 }
 
 thread_local! {
-    /// Whether a backward on this thread keeps the graph of gradients, probed once (if the
-    /// probe fails, as if it does: the gradients stay right, only larger).
-    static KEEPS_GRAPH: bool = keeps_graph_here().unwrap_or(true);
+    /// [`keeps_graph_here`], probed once per thread (`None`: the probe failed).
+    static KEEPS_GRAPH: Option<bool> = keeps_graph_here().ok();
 }
 
 /// A forward argument as an op's backward reads it: as it is where this thread's backward keeps
 /// the graph of gradients (so that the gradient can be differentiated again), detached elsewhere.
 /// Candle detaches only the incoming gradient, so a weight's gradient computed from the (tracked)
 /// weight would keep that gradient, a layer's output gradient, alive in the gradient store until
-/// the store is dropped: every layer's at once by the end of the backward.
+/// the store is dropped: every layer's at once by the end of the backward. If the probe failed,
+/// as it is: the gradients stay right, only larger.
 pub fn operand(t: &Tensor) -> Tensor {
-    if KEEPS_GRAPH.with(|keeps| *keeps) { t.clone() } else { t.detach() }
+    if KEEPS_GRAPH.with(|keeps| keeps.unwrap_or(true)) { t.clone() } else { t.detach() }
 }
 
 /// Whether [`backward_with_graph`] returns gradients that can be differentiated again.
 pub fn enabled() -> Result<bool> {
-    on_worker(keeps_graph_here)
+    on_worker(|| {
+        KEEPS_GRAPH
+            .with(|keeps| *keeps)
+            .ok_or_else(|| candle_core::Error::Msg("cannot tell whether this thread keeps gradient graphs".into()))
+    })
 }
 
 /// `loss.backward()` with the gradients kept as graph nodes.

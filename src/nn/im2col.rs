@@ -282,12 +282,12 @@ struct GradInput(Patches);
 #[derive(Debug, Clone, Copy)]
 struct GradWeight(Patches);
 
-/// `op(a, b)`, differentiable; from a backward, the arguments as [`operand`] gives them.
+/// `op(a, b)`, differentiable.
 fn apply(a: &Tensor, b: &Tensor, op: impl CustomOp2 + Send + Sync + 'static) -> Result<Tensor> {
     a.contiguous()?.apply_op2(&b.contiguous()?, op)
 }
 
-/// [`apply`] inside a backward.
+/// [`apply`] inside a backward: the arguments as [`operand`] gives them.
 fn apply_in_backward(a: &Tensor, b: &Tensor, op: impl CustomOp2 + Send + Sync + 'static) -> Result<Tensor> {
     apply(&operand(a), &operand(b), op)
 }

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 /// A `[out, in]` matrix that maps one axis of length `in` to `out` samples, by its nonzero taps:
 /// row `o` is `Σ w · x[i]` over `rows[o]`'s `(i, w)`, each `i` once.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 struct AxisMatrix {
     rows: Vec<Vec<(usize, f32)>>,
     n_in: usize,
@@ -139,6 +139,11 @@ fn separable(x: &Tensor, a_h: AxisMatrix, a_w: AxisMatrix) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         return x.contiguous()?.apply_op1(Resample { a_h: Arc::new(a_h), a_w: Arc::new(a_w) });
     }
+    separable_matmuls(x, &a_h, &a_w)
+}
+
+/// [`separable`] as two matmuls, on any device and dtype.
+fn separable_matmuls(x: &Tensor, a_h: &AxisMatrix, a_w: &AxisMatrix) -> Result<Tensor> {
     let (b, c, _, _) = x.dims4()?;
     let a_h = a_h.dense(x.device())?.to_dtype(x.dtype())?;
     let a_w = a_w.dense(x.device())?.to_dtype(x.dtype())?;
@@ -220,8 +225,7 @@ mod tests {
             let x =
                 Var::from_tensor(&Tensor::arange(0f32, (2 * 3 * h * w) as f32, &dev)?.sin()?.reshape((2, 3, h, w))?)?;
             let op = x.as_tensor().apply_op1(Resample { a_h: Arc::new(a_h.clone()), a_w: Arc::new(a_w.clone()) })?;
-            let (m_h, m_w) = (a_h.dense(&dev)?, a_w.dense(&dev)?);
-            let mm = m_h.broadcast_left((2, 3))?.contiguous()?.matmul(&x.as_tensor().broadcast_matmul(&m_w.t()?)?)?;
+            let mm = separable_matmuls(x.as_tensor(), &a_h, &a_w)?;
             let r = Tensor::arange(0f32, op.elem_count() as f32, &dev)?.cos()?.reshape(op.shape())?;
             let max_diff =
                 |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>() };
