@@ -40,11 +40,6 @@ impl Patches {
         self.channels * self.kernel * self.kernel
     }
 
-    /// A 1x1, stride-1, unpadded convolution: the input is its own patch matrix.
-    fn is_pointwise(&self) -> bool {
-        self.kernel == 1 && self.stride == 1 && self.padding == 0
-    }
-
     /// For kernel offset `k` along a side of length `n` with `out` outputs: the outputs whose
     /// tap lies inside (`lo..hi`), and the input index of output 0 (may be negative).
     fn span(&self, k: usize, n: usize, out: usize) -> (usize, usize, isize) {
@@ -94,87 +89,169 @@ struct Taps<'a> {
     taps_are_lines: bool,
 }
 
-impl Taps<'_> {
-    /// `dst[q] = cols[tap][pos0 + q]` for `q < len`.
-    fn gather(&self, tap: usize, pos0: usize, len: usize, dst: &mut [f32]) {
-        let p = &self.p;
-        let (k, (oh, ow)) = (p.kernel, p.out_hw());
-        let (c, ky, kx) = (tap / (k * k), tap / k % k, tap % k);
-        let (y_lo, y_hi, y0) = p.span(ky, p.h, oh);
-        let (x_lo, x_hi, x0) = p.span(kx, p.w, ow);
-        let (plane_len, pointwise) = (p.h * p.w, p.is_pointwise());
-        // The first position by division, the rest by counting (a division per run of a 17-wide
-        // row cost about as much as copying it).
-        let (mut n, r) = (pos0 / (oh * ow), pos0 % (oh * ow));
-        let (mut oy, mut ox) = (r / ow, r % ow);
-        let mut q = 0;
-        while q < len {
-            let plane = &self.images[(n * p.channels + c) * plane_len..][..plane_len];
-            if pointwise {
-                // A plain 1x1 convolution reads the plane as it lies, across rows.
-                let r = oy * ow + ox;
-                let run = (oh * ow - r).min(len - q);
-                dst[q..q + run].copy_from_slice(&plane[r..r + run]);
-                q += run;
-                (n, oy, ox) = (n + 1, 0, 0);
-                continue;
-            }
-            let run = (ow - ox).min(len - q);
-            if (y_lo..y_hi).contains(&oy) {
-                let row = &plane[p.at(y0, oy) * p.w..][..p.w];
-                let (ox_start, ox_end) = (ox, ox + run);
-                let lo = x_lo.clamp(ox_start, ox_end);
-                let hi = x_hi.clamp(lo, ox_end);
-                let dst = &mut dst[q..q + run];
-                dst[..lo - ox_start].fill(0.0);
-                dst[hi - ox_start..].fill(0.0);
-                if p.stride == 1 && hi > lo {
-                    dst[lo - ox_start..hi - ox_start].copy_from_slice(&row[p.at(x0, lo)..][..hi - lo]);
-                } else {
-                    (lo..hi).for_each(|ox| dst[ox - ox_start] = row[p.at(x0, ox)]);
-                }
-            } else {
-                dst[q..q + run].fill(0.0);
-            }
-            q += run;
-            (oy, ox) = (oy + 1, 0);
-            if oy == oh {
-                (n, oy) = (n + 1, 0);
-            }
+/// What a position or a tap contributes to the input an entry of the patch matrix reads: an
+/// offset into the batch of images, a row and a column. Entry `(tap, position)` reads
+/// `images[offset]` at the sums when the row and column fall inside the image, else it is 0.
+#[derive(Debug, Clone, Copy)]
+struct Reach {
+    offset: i32,
+    y: i32,
+    x: i32,
+}
+
+impl Reach {
+    /// A lane past an operand's last line: its row lies outside any image.
+    const NONE: Self = Self { offset: 0, y: -(1 << 30), x: 0 };
+}
+
+impl<'a> Taps<'a> {
+    /// The patches of `images` (`[B, C, H, W]` as `p` says); offsets into them are `i32`, as
+    /// the vector gathers take them.
+    fn new(p: Patches, images: &'a [f32], taps_are_lines: bool) -> Result<Self> {
+        if i32::try_from(images.len()).is_err() {
+            candle_core::bail!(
+                "conv2d: an input of {} values is more than the CPU convolution indexes (2^31)",
+                images.len()
+            );
         }
+        Ok(Self { p, images, taps_are_lines })
+    }
+
+    fn positions_total(&self) -> usize {
+        let (oh, ow) = self.p.out_hw();
+        self.images.len() / (self.p.channels * self.p.h * self.p.w) * oh * ow
+    }
+
+    /// Output positions `first..first + count`, `(n, oy, ox)` counted along (no division per
+    /// position): the image's offset and the corner of the position's window.
+    fn positions(&self, first: usize, count: usize) -> Vec<Reach> {
+        let p = &self.p;
+        let (oh, ow) = p.out_hw();
+        let image_len = p.channels * p.h * p.w;
+        let (mut n, r) = (first / (oh * ow), first % (oh * ow));
+        let (mut oy, mut ox) = (r / ow, r % ow);
+        (0..count)
+            .map(|_| {
+                let (y, x) = (oy * p.stride, ox * p.stride);
+                let reach = Reach { offset: (n * image_len + y * p.w + x) as i32, y: y as i32, x: x as i32 };
+                ox += 1;
+                if ox == ow {
+                    (oy, ox) = (oy + 1, 0);
+                    if oy == oh {
+                        (n, oy) = (n + 1, 0);
+                    }
+                }
+                reach
+            })
+            .collect()
+    }
+
+    /// Taps `first..first + count`: the channel's offset and the tap's place in the window,
+    /// the padding subtracted.
+    fn taps(&self, first: usize, count: usize) -> Vec<Reach> {
+        let p = &self.p;
+        let k = p.kernel;
+        (first..first + count)
+            .map(|t| {
+                let (c, ky, kx) = (t / (k * k), t / k % k, t % k);
+                let y = (ky * p.dilation) as i32 - p.padding as i32;
+                let x = (kx * p.dilation) as i32 - p.padding as i32;
+                Reach { offset: (c * p.h * p.w) as i32 + y * p.w as i32 + x, y, x }
+            })
+            .collect()
     }
 }
 
 impl Lines for Taps<'_> {
+    /// Every value by the same rule ([`Reach`]), one panel row at a time: on AVX-512 two masked
+    /// gathers per 32-lane row. Copying row runs instead (a branch, clamps and a short copy per
+    /// run of 17 positions) took 1.3 ns per value forward and 1.8 for the weight gradient,
+    /// 12–18% of the worker threads' time in a 128² training step.
     fn pack(&self, line0: usize, lines: usize, depth0: usize, kc: usize, width: usize, dst: &mut [f32]) {
-        let panels = lines.div_ceil(width);
-        let dst = &mut dst[..panels * width * kc];
-        if !lines.is_multiple_of(width) {
-            dst[(panels - 1) * width * kc..].fill(0.0);
-        }
-        if self.taps_are_lines {
-            // Each panel's taps gathered whole (contiguous copies), then transposed in the cache:
-            // writing them into the panel directly strides across all of it once per tap.
-            let mut taps = vec![0f32; width * kc];
-            for (q, panel) in dst.chunks_exact_mut(width * kc).enumerate() {
-                let n = width.min(lines - q * width);
-                for (l, tap) in taps.chunks_exact_mut(kc).take(n).enumerate() {
-                    self.gather(line0 + q * width + l, depth0, kc, tap);
-                }
-                for (p, row) in panel.chunks_exact_mut(width).enumerate() {
-                    for (l, v) in row[..n].iter_mut().enumerate() {
-                        *v = taps[l * kc + p];
-                    }
-                }
-            }
+        let (n_taps, n_positions) = (self.p.rows(), self.positions_total());
+        let (n_lines, depth) = if self.taps_are_lines { (n_taps, n_positions) } else { (n_positions, n_taps) };
+        // The gathers read where these say: they must stay inside the patch matrix.
+        assert!(line0 + lines <= n_lines && depth0 + kc <= depth, "Taps::pack outside the patch matrix");
+        let (line_reach, depth_reach) = if self.taps_are_lines {
+            (self.taps(line0, lines), self.positions(depth0, kc))
         } else {
-            // One tap's positions at a time, gathered whole, then cut into the panels.
-            let mut run = vec![0f32; lines];
-            for d in 0..kc {
-                self.gather(depth0 + d, line0, lines, &mut run);
-                for (q, part) in run.chunks(width).enumerate() {
-                    dst[(q * kc + d) * width..][..part.len()].copy_from_slice(part);
-                }
+            (self.positions(line0, lines), self.taps(depth0, kc))
+        };
+        let panels = lines.div_ceil(width);
+        for (lanes, panel) in line_reach.chunks(width).zip(dst[..panels * width * kc].chunks_exact_mut(width * kc)) {
+            fill_panel(self.images, (self.p.h, self.p.w), lanes, &depth_reach, panel);
+        }
+    }
+}
+
+/// One packed panel: `panel[p · width + l]` is the patch entry of lane `l` (a line) at step `p`
+/// (a depth), 0 in the padding and past the last lane.
+fn fill_panel(images: &[f32], hw: (usize, usize), lanes: &[Reach], steps: &[Reach], panel: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        match panel.len() / steps.len() {
+            // SAFETY: AVX-512 is present; `Taps::pack` checked that every lane and step lies
+            // inside the patch matrix, so each entry inside the image reads inside `images`.
+            16 => return unsafe { fill_panel_avx512::<1>(images, hw, lanes, steps, panel) },
+            32 => return unsafe { fill_panel_avx512::<2>(images, hw, lanes, steps, panel) },
+            _ => {}
+        }
+    }
+    fill_panel_portable(images, hw, lanes, steps, panel)
+}
+
+fn fill_panel_portable(images: &[f32], (h, w): (usize, usize), lanes: &[Reach], steps: &[Reach], panel: &mut [f32]) {
+    let width = panel.len() / steps.len();
+    for (row, step) in panel.chunks_exact_mut(width).zip(steps) {
+        for (l, v) in row.iter_mut().enumerate() {
+            let lane = lanes.get(l).unwrap_or(&Reach::NONE);
+            // Unsigned, a negative row or column is outside too.
+            let inside = ((lane.y + step.y) as u32) < h as u32 && ((lane.x + step.x) as u32) < w as u32;
+            *v = if inside { images[(lane.offset + step.offset) as usize] } else { 0.0 };
+        }
+    }
+}
+
+/// [`fill_panel_portable`] for rows of `16 · G` lanes: per row and 16 lanes, two unsigned
+/// compares for the mask and one masked gather.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fill_panel_avx512<const G: usize>(
+    images: &[f32],
+    (h, w): (usize, usize),
+    lanes: &[Reach],
+    steps: &[Reach],
+    panel: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let lane = |i: usize| lanes.get(i).unwrap_or(&Reach::NONE);
+    let vector = |g: usize, f: fn(&Reach) -> i32| {
+        let v: [i32; 16] = std::array::from_fn(|l| f(lane(16 * g + l)));
+        // SAFETY: 16 i32s.
+        unsafe { _mm512_loadu_si512(v.as_ptr().cast()) }
+    };
+    let offset: [__m512i; G] = std::array::from_fn(|g| vector(g, |r| r.offset));
+    let y: [__m512i; G] = std::array::from_fn(|g| vector(g, |r| r.y));
+    let x: [__m512i; G] = std::array::from_fn(|g| vector(g, |r| r.x));
+    let (h, w) = (_mm512_set1_epi32(h as i32), _mm512_set1_epi32(w as i32));
+    for (row, step) in panel.chunks_exact_mut(16 * G).zip(steps) {
+        let (so, sy, sx) = (_mm512_set1_epi32(step.offset), _mm512_set1_epi32(step.y), _mm512_set1_epi32(step.x));
+        for g in 0..G {
+            let inside = _mm512_mask_cmplt_epu32_mask(
+                _mm512_cmplt_epu32_mask(_mm512_add_epi32(y[g], sy), h),
+                _mm512_add_epi32(x[g], sx),
+                w,
+            );
+            // SAFETY: the caller's: lanes inside the image read inside `images`; the others
+            // are masked off and read nothing.
+            unsafe {
+                let v = _mm512_mask_i32gather_ps::<4>(
+                    _mm512_setzero_ps(),
+                    inside,
+                    _mm512_add_epi32(offset[g], so),
+                    images.as_ptr(),
+                );
+                _mm512_storeu_ps(row.as_mut_ptr().add(16 * g), v);
             }
         }
     }
@@ -216,11 +293,11 @@ impl Lines for FlippedKernel<'_> {
 /// `y = W · cols(x)` for a batch `x` `[B, C, H, W]` and the kernel as `C_out` lines over the
 /// depth `C·k·k`: one product over the whole batch (`[C_out, B·Ho·Wo]`), stored as `y`
 /// `[B, C_out, Ho, Wo]`.
-fn convolve(p: Patches, x: &[f32], weight: &impl Lines, c_out: usize) -> Vec<f32> {
+fn convolve(p: Patches, x: &[f32], weight: &impl Lines, c_out: usize) -> Result<Vec<f32>> {
     let (oh, ow) = p.out_hw();
     let b = x.len() / (p.channels * p.h * p.w);
-    let cols = Taps { p, images: x, taps_are_lines: false };
-    sgemm_new(c_out, b * oh * ow, p.rows(), weight, &cols, |y| Dest::batched_uninit(y, c_out, oh * ow))
+    let cols = Taps::new(p, x, false)?;
+    Ok(sgemm_new(c_out, b * oh * ow, p.rows(), weight, &cols, |y| Dest::batched_uninit(y, c_out, oh * ow)))
 }
 
 /// `conv2d(x, weight)` (no bias) for f32 on the CPU: `x` `[B, C, H, W]`, `weight`
@@ -310,8 +387,8 @@ impl CustomOp2 for Conv {
         let (oh, ow) = p.out_hw();
         let weight = Mat::rows(weight, p.rows());
         let y = match &self.1 {
-            Some(packed) => convolve(p, x, &Prepacked { lines: weight, packed }, c_out),
-            None => convolve(p, x, &weight, c_out),
+            Some(packed) => convolve(p, x, &Prepacked { lines: weight, packed }, c_out)?,
+            None => convolve(p, x, &weight, c_out)?,
         };
         Ok((CpuStorage::F32(y), Shape::from((b, c_out, oh, ow))))
     }
@@ -353,7 +430,7 @@ impl CustomOp2 for GradInput {
         let (oh, ow) = p.out_hw();
         let (k, image_len) = (p.kernel, p.channels * p.h * p.w);
         let dx = if let Some(flipped) = self.as_convolution(c_out) {
-            convolve(flipped, grad, &FlippedKernel { weight, channels: p.channels, taps: k * k }, p.channels)
+            convolve(flipped, grad, &FlippedKernel { weight, channels: p.channels, taps: k * k }, p.channels)?
         } else {
             let mut dx = vec![0f32; b * image_len];
             let mut cols = vec![0f32; p.rows() * oh * ow];
@@ -397,7 +474,7 @@ impl CustomOp2 for GradWeight {
         // images, and `∂W` written as it is stored.
         let b = x.len() / (p.channels * p.h * p.w);
         let g = BatchMaps { data: grad, maps: c_out, size: oh * ow };
-        let cols = Taps { p, images: x, taps_are_lines: true };
+        let cols = Taps::new(p, x, true)?;
         let dw = sgemm_new(c_out, p.rows(), b * oh * ow, &g, &cols, |dw| Dest::rows_uninit(dw, p.rows()));
         Ok((CpuStorage::F32(dw), Shape::from((c_out, p.channels, p.kernel, p.kernel))))
     }
@@ -469,6 +546,8 @@ mod tests {
             (1, 3, 1, 2, 2, 5, 7),
             (3, 1, 1, 0, 1, 3, 4),
             (2, 1, 2, 0, 1, 5, 5),
+            // More taps than a 32-lane panel holds.
+            (5, 3, 1, 1, 1, 4, 5),
         ]
         .iter()
         .enumerate()
@@ -486,13 +565,14 @@ mod tests {
                 if inside { images[((n * c + ch) * h + iy as usize) * w + ix as usize] } else { 0.0 }
             };
             for taps_are_lines in [false, true] {
-                let taps = Taps { p, images: &images, taps_are_lines };
+                let taps = Taps::new(p, &images, taps_are_lines).unwrap();
                 let (n_lines, depth) = if taps_are_lines { (p.rows(), positions) } else { (positions, p.rows()) };
                 for line0 in 0..n_lines {
                     for lines in [1, 3, n_lines - line0] {
                         let lines = lines.min(n_lines - line0);
-                        for (depth0, kc) in [(0, depth), (depth / 2, depth - depth / 2), (depth - 1, 1)] {
-                            let width = 4;
+                        let depths = [(0, depth), (depth / 2, depth - depth / 2), (depth - 1, 1)];
+                        // Width 4 runs the portable kernel; 16 and 32 the AVX-512 one where the CPU has it.
+                        for ((depth0, kc), width) in depths.into_iter().flat_map(|d| [4, 16, 32].map(|w| (d, w))) {
                             let mut dst = vec![f32::NAN; lines.div_ceil(width) * width * kc];
                             taps.pack(line0, lines, depth0, kc, width, &mut dst);
                             for (j, &v) in dst.iter().enumerate() {
@@ -507,7 +587,7 @@ mod tests {
                                 };
                                 assert_eq!(
                                     v, want,
-                                    "case {i} taps_are_lines {taps_are_lines} line0 {line0} lines {lines} depth0 {depth0}: entry {j}"
+                                    "case {i} taps_are_lines {taps_are_lines} line0 {line0} lines {lines} depth0 {depth0} width {width}: entry {j}"
                                 );
                             }
                         }
