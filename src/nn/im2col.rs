@@ -163,10 +163,12 @@ impl<'a> Taps<'a> {
 }
 
 impl Lines for Taps<'_> {
-    /// Every value by the same rule ([`Reach`]), one panel row at a time: on AVX-512 two masked
-    /// gathers per 32-lane row. Copying row runs instead (a branch, clamps and a short copy per
-    /// run of 17 positions) took 1.3 ns per value forward and 1.8 for the weight gradient,
-    /// 12–18% of the worker threads' time in a 128² training step.
+    /// Every value by the same rule ([`Reach`]), one panel row at a time: on AVX-512 a masked
+    /// gather or load per 16 lanes. Copying row runs instead (a branch, clamps and a short copy
+    /// per run of 17 positions) took 1.3 ns per value forward and 1.8 for the weight gradient,
+    /// 12–18% of the worker threads' time in a 128² training step; with gathers 0.65 and 0.55,
+    /// and forward 0.4 with loads for adjacent lanes (per step 156–177 → 72–78 → 44–55 ms of
+    /// thread time forward, 71 → 19–23 for the weight gradient).
     fn pack(&self, line0: usize, lines: usize, depth0: usize, kc: usize, width: usize, dst: &mut [f32]) {
         let (n_taps, n_positions) = (self.p.rows(), self.positions_total());
         let (n_lines, depth) = if self.taps_are_lines { (n_taps, n_positions) } else { (n_positions, n_taps) };
@@ -233,6 +235,11 @@ unsafe fn fill_panel_avx512<const G: usize>(
     let offset: [__m512i; G] = std::array::from_fn(|g| vector(g, |r| r.offset));
     let y: [__m512i; G] = std::array::from_fn(|g| vector(g, |r| r.y));
     let x: [__m512i; G] = std::array::from_fn(|g| vector(g, |r| r.x));
+    // Lanes whose offsets run on by one (16 positions of one image in a convolution whose output
+    // is as wide as its input, the 3x3 ones with padding = dilation and the 1x1 ones) read as one
+    // masked load instead of a gather.
+    let first: [i32; G] = std::array::from_fn(|g| lane(16 * g).offset);
+    let adjacent: [bool; G] = std::array::from_fn(|g| (0..16).all(|l| lane(16 * g + l).offset == first[g] + l as i32));
     let (h, w) = (_mm512_set1_epi32(h as i32), _mm512_set1_epi32(w as i32));
     for (row, step) in panel.chunks_exact_mut(16 * G).zip(steps) {
         let (so, sy, sx) = (_mm512_set1_epi32(step.offset), _mm512_set1_epi32(step.y), _mm512_set1_epi32(step.x));
@@ -243,14 +250,18 @@ unsafe fn fill_panel_avx512<const G: usize>(
                 w,
             );
             // SAFETY: the caller's: lanes inside the image read inside `images`; the others
-            // are masked off and read nothing.
+            // are masked off and read nothing (a masked load does not touch them either).
             unsafe {
-                let v = _mm512_mask_i32gather_ps::<4>(
-                    _mm512_setzero_ps(),
-                    inside,
-                    _mm512_add_epi32(offset[g], so),
-                    images.as_ptr(),
-                );
+                let v = if adjacent[g] {
+                    _mm512_maskz_loadu_ps(inside, images.as_ptr().wrapping_offset((first[g] + step.offset) as isize))
+                } else {
+                    _mm512_mask_i32gather_ps::<4>(
+                        _mm512_setzero_ps(),
+                        inside,
+                        _mm512_add_epi32(offset[g], so),
+                        images.as_ptr(),
+                    )
+                };
                 _mm512_storeu_ps(row.as_mut_ptr().add(16 * g), v);
             }
         }
