@@ -189,6 +189,9 @@ impl Lines for Taps<'_> {
 /// One packed panel: `panel[p · width + l]` is the patch entry of lane `l` (a line) at step `p`
 /// (a depth), 0 in the padding and past the last lane.
 fn fill_panel(images: &[f32], hw: (usize, usize), lanes: &[Reach], steps: &[Reach], panel: &mut [f32]) {
+    if steps.is_empty() {
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         match panel.len() / steps.len() {
@@ -215,7 +218,8 @@ fn fill_panel_portable(images: &[f32], (h, w): (usize, usize), lanes: &[Reach], 
 }
 
 /// [`fill_panel_portable`] for rows of `16 · G` lanes: per row and 16 lanes, two unsigned
-/// compares for the mask and one masked gather.
+/// compares for the mask and one masked gather, or one masked load where the lanes' offsets
+/// are adjacent.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn fill_panel_avx512<const G: usize>(

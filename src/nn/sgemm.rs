@@ -126,6 +126,9 @@ pub(crate) fn pack_strided(
     (line0, lines, depth0, kc, width): (usize, usize, usize, usize, usize),
     dst: &mut [f32],
 ) {
+    if lines == 0 || kc == 0 {
+        return;
+    }
     let panels = lines.div_ceil(width);
     let dst = &mut dst[..panels * width * kc];
     if !lines.is_multiple_of(width) {
@@ -142,8 +145,8 @@ pub(crate) fn pack_strided(
     }
     let starts: Vec<usize> = starts.collect();
     // The gathers read at `start + i · line_stride` for lines `i < lines`: all of it inside `data`.
-    let last = starts.iter().max().map(|s| s + (lines - 1) * line_stride);
-    assert!(last.is_some_and(|l| l < data.len()), "pack_strided: lines past the operand's end");
+    let last = starts.iter().max().map_or(0, |s| s + (lines - 1) * line_stride);
+    assert!(last < data.len(), "pack_strided: lines past the operand's end");
     #[cfg(target_arch = "x86_64")]
     if width <= 32 && i32::try_from(data.len()).is_ok() && std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: AVX-512 is present; every index read is below `last` (asserted), and fits i32.
