@@ -177,8 +177,9 @@ fn strided_lines_portable(
 
 /// [`strided_lines_portable`] on AVX-512 for panels of at most 32 lines: a panel row is one or
 /// two masked gathers (the lines past the last written as 0).
-/// For a 512x4608 kernel's rows 0.31–0.42 ns per value against 0.57–0.71 for the portable
-/// order with runs of adjacent steps copied (`examples/pack_rate.rs`, two runs each); in a 128²
+/// For a 512x4608 kernel's rows 0.31–0.42 ns per value against 0.57–0.71 for the line-by-line
+/// order it replaced (which copied runs of adjacent steps; `examples/pack_rate.rs`, two runs
+/// each); in a 128²
 /// training step (the student's kernels forward and flipped, the output gradients of the
 /// weight gradients: 34 M values) 63–70 ms of thread time became 39–43.
 #[cfg(target_arch = "x86_64")]
