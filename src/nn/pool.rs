@@ -125,6 +125,47 @@ impl MaxPool2d {
         windows.contiguous()?.gather(&first_max, D::Minus1)?.squeeze(D::Minus1)
     }
 
+    /// One `H x W` plane's window maxima into `out` (`OH x OW`): first every input row's maxima
+    /// over the windows' columns (into `rows`), then every window's over its rows. The values
+    /// [`Self::for_each_window`]'s first maxima have (a maximum is one in any order, though a
+    /// zero maximum may come out with the other sign; NaN is passed over alike, and a window of
+    /// NaN only stays NaN), with no branch per value: the stem's pool in a 256x512 inference
+    /// took 11.5 ms window by window, 4.4–5.3 ms so.
+    fn max_plane(
+        &self,
+        x: &[f32],
+        (h, w): (usize, usize),
+        (oh, ow): (usize, usize),
+        out: &mut [f32],
+        rows: &mut Vec<f32>,
+    ) {
+        let ((kh, kw), (sh, sw), (ph, pw)) = (self.kernel, self.stride, self.padding);
+        let span = |o: usize, k: usize, s: usize, p: usize, n: usize| {
+            (o * s).saturating_sub(p)..(o * s + k).saturating_sub(p).min(n)
+        };
+        let cols: Vec<std::ops::Range<usize>> = (0..ow).map(|ox| span(ox, kw, sw, pw, w)).collect();
+        rows.clear();
+        rows.resize(h * ow, 0.0);
+        for (src, dst) in x.chunks_exact(w).zip(rows.chunks_exact_mut(ow)) {
+            for (d, xs) in dst.iter_mut().zip(&cols) {
+                *d = match src[xs.clone()] {
+                    // The stem's windows: three columns, unrolled.
+                    [a, b, c] => a.max(b).max(c),
+                    ref window => window[1..].iter().fold(window[0], |m, &v| m.max(v)),
+                };
+            }
+        }
+        for (oy, dst) in out.chunks_exact_mut(ow).enumerate().take(oh) {
+            let ys = span(oy, kh, sh, ph, h);
+            dst.copy_from_slice(&rows[ys.start * ow..][..ow]);
+            for row in rows[(ys.start + 1) * ow..ys.end * ow].chunks_exact(ow) {
+                for (d, &v) in dst.iter_mut().zip(row) {
+                    *d = d.max(v);
+                }
+            }
+        }
+    }
+
     /// For one `H x W` plane, calls `f(output index, input index of the window's first maximum)`
     /// for every window.
     fn for_each_window(&self, x: &[f32], (h, w): (usize, usize), mut f: impl FnMut(usize, usize)) -> Result<()> {
@@ -163,7 +204,7 @@ impl CustomOp1 for MaxPool2d {
         let mut y = vec![0f32; b * c * oh * ow];
         y.par_chunks_mut(oh * ow)
             .zip(x.par_chunks(h * w))
-            .try_for_each(|(dst, plane)| self.for_each_window(plane, (h, w), |o, at| dst[o] = plane[at]))?;
+            .for_each_init(Vec::new, |rows, (dst, plane)| self.max_plane(plane, (h, w), (oh, ow), dst, rows));
         Ok((CpuStorage::F32(y), Shape::from((b, c, oh, ow))))
     }
 
@@ -232,6 +273,31 @@ mod tests {
             let g_theirs = (&theirs * &r)?.sum_all()?.backward()?;
             let (a, b) = (g_ours.get(&x).expect("ours"), g_theirs.get(&x).expect("theirs"));
             assert_eq!(a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?, "{pool:?}");
+        }
+        Ok(())
+    }
+
+    /// The forward's row-then-column maxima equal the values at the first maxima the backward
+    /// finds, with NaN among the values (passed over, and kept where a window has only NaN).
+    #[test]
+    fn forward_maxima_are_the_first_maxima_values() -> Result<()> {
+        let (h, w) = (7, 10);
+        let mut x: Vec<f32> = (0..h * w).map(|i| ((i * 37 % 11) as f32 / 2.0).floor() - 2.0).collect();
+        for i in [0, 1, 10, 11, 23, 45, 68] {
+            x[i] = f32::NAN;
+        }
+        for pool in [MaxPool2d::new((3, 3), (2, 2), (1, 1), true), MaxPool2d::new((2, 2), (2, 2), (0, 0), true)] {
+            let (oh, ow) = pool.output_hw(h, w)?;
+            let mut got = vec![0f32; oh * ow];
+            pool.max_plane(&x, (h, w), (oh, ow), &mut got, &mut Vec::new());
+            let mut want = vec![0f32; oh * ow];
+            pool.for_each_window(&x, (h, w), |o, at| want[o] = x[at])?;
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{pool:?}"
+            );
+            assert!(got[0].is_nan(), "{pool:?}: the all-NaN window (x[0, 1, 10, 11])");
         }
         Ok(())
     }
