@@ -183,6 +183,14 @@ impl ConvBn {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool, act: Activation) -> Result<Tensor> {
+        // A frozen network (the teacher, a deployed student): the normalisation and activation
+        // applied as the convolution's product finishes each channel.
+        if !train
+            && let Some(after) = self.bn.frozen_affine(act)?
+            && let Some(y) = self.conv.forward_then(x, after)?
+        {
+            return Ok(y);
+        }
         self.bn.forward_act(&self.conv.forward(x)?, train, act)
     }
 }

@@ -86,14 +86,7 @@ impl BatchNorm {
             return act.on_tensor(self.inner.forward_t(x, train)?);
         }
         let (weight, bias) = self.inner.weight_and_bias().expect("affine");
-        let stats = if train {
-            ChannelStats::default()
-        } else {
-            let mean = self.running_mean.as_tensor().to_vec1::<f32>()?;
-            let var = self.running_var.as_tensor().to_vec1::<f32>()?;
-            let eps = self.inner.eps() as f32;
-            ChannelStats { mean, invstd: var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect(), var }
-        };
+        let stats = if train { ChannelStats::default() } else { self.running_stats()? };
         let op = Normalize { batch_stats: train, eps: self.inner.eps(), act, stats: Arc::new(Mutex::new(stats)) };
         let stats = op.stats.clone();
         let y = x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
@@ -110,6 +103,60 @@ impl BatchNorm {
             self.running_var.set(&((self.running_var.as_tensor() * (1.0 - m))? + (var * unbiased)?)?)?;
         }
         Ok(y)
+    }
+
+    /// The running statistics, as eval mode normalises with them.
+    fn running_stats(&self) -> Result<ChannelStats> {
+        let mean = self.running_mean.as_tensor().to_vec1::<f32>()?;
+        let var = self.running_var.as_tensor().to_vec1::<f32>()?;
+        let eps = self.inner.eps() as f32;
+        Ok(ChannelStats { mean, invstd: var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect(), var })
+    }
+
+    /// `act(BN(·))` in eval mode as a per-channel map ([`ChannelAffine`]) for a frozen
+    /// BatchNorm (weight and bias no variables) on the CPU; `None` otherwise.
+    pub fn frozen_affine(&self, act: Activation) -> Result<Option<ChannelAffine>> {
+        let (weight, bias) = self.inner.weight_and_bias().expect("affine");
+        if !(weight.device().is_cpu() && weight.dtype() == DType::F32) || weight.track_op() || bias.track_op() {
+            return Ok(None);
+        }
+        let stats = self.running_stats()?;
+        let (weight, bias) = (weight.to_vec1::<f32>()?, bias.to_vec1::<f32>()?);
+        let (scale, shift) =
+            (0..weight.len()).map(|ch| scale_shift(weight[ch], bias[ch], stats.mean[ch], stats.invstd[ch])).unzip();
+        Ok(Some(ChannelAffine { scale, shift, act }))
+    }
+}
+
+/// The scale and shift that normalise a channel: `γ · (x − μ) · invstd + β = x · scale + shift`.
+fn scale_shift(weight: f32, bias: f32, mean: f32, invstd: f32) -> (f32, f32) {
+    let scale = weight * invstd;
+    (scale, bias - mean * scale)
+}
+
+/// An eval-mode BatchNorm and its activation as a map per channel: channel `c`'s values `v`
+/// become `act(v · scale[c] + shift[c])`, as [`BatchNorm::forward_act`] computes them.
+#[derive(Debug, Clone)]
+pub struct ChannelAffine {
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+    act: Activation,
+}
+
+impl ChannelAffine {
+    pub fn channels(&self) -> usize {
+        self.scale.len()
+    }
+
+    /// Maps `values`, all of channel `c`, in place.
+    pub fn apply(&self, c: usize, values: &mut [f32]) {
+        let (scale, shift) = (self.scale[c], self.shift[c]);
+        // The activation chosen outside the loop, so that each loop vectorises.
+        match self.act {
+            Activation::Identity => values.iter_mut().for_each(|v| *v = Activation::Identity.apply(*v * scale + shift)),
+            Activation::Relu => values.iter_mut().for_each(|v| *v = Activation::Relu.apply(*v * scale + shift)),
+            act @ Activation::LeakyRelu(_) => values.iter_mut().for_each(|v| *v = act.apply(*v * scale + shift)),
+        }
     }
 }
 
@@ -226,8 +273,7 @@ impl CustomOp3 for Normalize {
                 } else {
                     (given.mean[ch], given.var[ch], given.invstd[ch])
                 };
-                let scale = weight[ch] * invstd;
-                let shift = bias[ch] - mean * scale;
+                let (scale, shift) = scale_shift(weight[ch], bias[ch], mean, invstd);
                 for (dst, src) in out.into_iter().zip(planes(x, c, plane, ch)) {
                     for (d, &v) in dst.iter_mut().zip(src) {
                         d.write(self.act.apply(v * scale + shift));

@@ -4,6 +4,7 @@
 //! `nn.Conv2d` draws weight and bias from `U(−1/√fan_in, 1/√fan_in)` (kaiming_uniform with
 //! `a = √5`); candle-nn's `conv2d` uses a Kaiming normal instead. Keys: `weight`, `bias`.
 
+use super::batch_norm::ChannelAffine;
 use super::sgemm::PackedRows;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -86,23 +87,44 @@ impl Conv {
     pub fn spec(&self) -> &ConvSpec {
         &self.spec
     }
+
+    /// The weight's packed copy, when the CPU's products can use one (see `packed`).
+    fn packed_for(&self, x: &Tensor) -> Result<Option<&Arc<PackedRows>>> {
+        if self.weight.is_variable() || !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+            return Ok(None);
+        }
+        Ok(Some(match self.packed.get() {
+            Some(packed) => packed,
+            None => {
+                let packed = Arc::new(super::im2col::pack_weight(&self.weight)?);
+                self.packed.get_or_init(|| packed)
+            }
+        }))
+    }
+
+    /// `after(conv(x))` for a frozen eval-mode BatchNorm and its activation (`after`), applied
+    /// as the product finishes each channel: one pass over the output fewer, the same values.
+    /// `None` where that does not apply (a trainable weight, a bias, an input that needs a
+    /// gradient, not the CPU); then the caller runs the two.
+    pub fn forward_then(&self, x: &Tensor, after: ChannelAffine) -> Result<Option<Tensor>> {
+        let s = &self.spec;
+        match self.packed_for(x)? {
+            Some(packed) if self.bias.is_none() && !x.track_op() && !self.weight.track_op() => {
+                let geometry = (s.stride, s.padding, s.dilation);
+                super::im2col::conv2d_prepacked_then(x, &self.weight, packed, geometry, after).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
 }
 
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let s = &self.spec;
         // `conv2d`'s CPU path, with the weight's packed copy.
-        let y = if !self.weight.is_variable() && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
-            let packed = match self.packed.get() {
-                Some(packed) => packed,
-                None => {
-                    let packed = Arc::new(super::im2col::pack_weight(&self.weight)?);
-                    self.packed.get_or_init(|| packed)
-                }
-            };
-            super::im2col::conv2d_prepacked(x, &self.weight, packed, s.stride, s.padding, s.dilation)?
-        } else {
-            conv2d(x, &self.weight, s.stride, s.padding, s.dilation)?
+        let y = match self.packed_for(x)? {
+            Some(packed) => super::im2col::conv2d_prepacked(x, &self.weight, packed, s.stride, s.padding, s.dilation)?,
+            None => conv2d(x, &self.weight, s.stride, s.padding, s.dilation)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, s.c_out, 1, 1))?),
@@ -151,6 +173,44 @@ mod tests {
             assert!(frozen.packed.get().is_some(), "the frozen weight is packed");
         }
         assert!(trainable.packed.get().is_none(), "a variable weight is packed in each product");
+        Ok(())
+    }
+
+    /// A frozen convolution with the eval-mode BatchNorm and activation after it applied in its
+    /// product gives the two ops' values bit for bit, for each activation; it declines where
+    /// it does not apply (a trainable BatchNorm, an input that needs a gradient).
+    #[test]
+    fn normalisation_in_the_product_equals_the_two_ops() -> Result<()> {
+        use super::super::batch_norm::{Activation, BatchNorm};
+        let dev = Device::Cpu;
+        let spec = ConvSpec::new(5, 19, 3).stride(2).padding(2).dilation(2);
+        let vm = candle_nn::VarMap::new();
+        let vb = super::super::init::seeded_var_builder(&vm, 5, DType::F32, &dev);
+        let (_, trainable_bn) = (Conv::new(spec, false, vb.pp("conv"))?, BatchNorm::new(19, vb.pp("bn"))?);
+        let stats = |n: usize, lo: f32| {
+            Tensor::from_vec((0..n).map(|i| lo + (i * 7 % 5) as f32 * 0.3).collect::<Vec<f32>>(), n, &dev)
+        };
+        let mut tensors: HashMap<String, Tensor> =
+            vm.data().lock().expect("varmap").iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
+        for (key, lo) in [("bn.weight", -0.8), ("bn.bias", -0.4), ("bn.running_mean", -0.2), ("bn.running_var", 0.5)] {
+            tensors.insert(key.into(), stats(19, lo)?);
+        }
+        let frozen = VarBuilder::from_tensors(tensors, DType::F32, &dev);
+        let (conv, bn) = (Conv::new(spec, false, frozen.pp("conv"))?, BatchNorm::new(19, frozen.pp("bn"))?);
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 13, 11), &dev)?;
+        for act in [Activation::Identity, Activation::Relu, Activation::LeakyRelu(0.01)] {
+            let after = bn.frozen_affine(act)?.expect("a frozen BatchNorm");
+            let fused = conv.forward_then(&x, after)?.expect("a frozen convolution");
+            let two = bn.forward_act(&conv.forward(&x)?, false, act)?;
+            let bits = |t: &Tensor| -> Result<Vec<u32>> {
+                Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
+            };
+            assert_eq!(bits(&fused)?, bits(&two)?, "{act:?}");
+        }
+        assert!(trainable_bn.frozen_affine(Activation::Relu)?.is_none(), "a trainable BatchNorm");
+        let tracked = candle_core::Var::from_tensor(&x)?;
+        let after = bn.frozen_affine(Activation::Relu)?.expect("a frozen BatchNorm");
+        assert!(conv.forward_then(tracked.as_tensor(), after)?.is_none(), "an input that needs a gradient");
         Ok(())
     }
 }

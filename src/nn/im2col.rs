@@ -10,9 +10,12 @@
 //! in each argument and each other's adjoints, so every derivative (the second ones of the
 //! WGAN-GP penalty included) is one of them again.
 
+use super::batch_norm::ChannelAffine;
 use super::cpu_f32;
 use super::double_backward::operand;
-use super::sgemm::{Dest, Lines, Mat, PackedRows, Prepacked, pack_strided, sgemm, sgemm_new};
+use super::sgemm::{
+    Dest, Lines, Mat, PackedRows, Prepacked, RowFinish, pack_strided, sgemm, sgemm_new, sgemm_new_then,
+};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -308,18 +311,26 @@ impl Lines for FlippedKernel<'_> {
 /// `y = W · cols(x)` for a batch `x` `[B, C, H, W]` and the kernel as `C_out` lines over the
 /// depth `C·k·k`: one product over the whole batch (`[C_out, B·Ho·Wo]`), stored as `y`
 /// `[B, C_out, Ho, Wo]`.
-fn convolve(p: Patches, x: &[f32], weight: &impl Lines, c_out: usize) -> Result<Vec<f32>> {
+fn convolve(
+    p: Patches,
+    x: &[f32],
+    weight: &impl Lines,
+    c_out: usize,
+    after: Option<&ChannelAffine>,
+) -> Result<Vec<f32>> {
     let (oh, ow) = p.out_hw();
     let b = x.len() / (p.channels * p.h * p.w);
     let cols = Taps::new(p, x, false)?;
-    Ok(sgemm_new(c_out, b * oh * ow, p.rows(), weight, &cols, |y| Dest::batched_uninit(y, c_out, oh * ow)))
+    let finish = |c: usize, run: &mut [f32]| after.expect("only with a map").apply(c, run);
+    let finish = after.is_some().then_some(&finish as &RowFinish<'_>);
+    Ok(sgemm_new_then(c_out, b * oh * ow, p.rows(), weight, &cols, |y| Dest::batched_uninit(y, c_out, oh * ow), finish))
 }
 
 /// `conv2d(x, weight)` (no bias) for f32 on the CPU: `x` `[B, C, H, W]`, `weight`
 /// `[C_out, C, k, k]`. Only `x` and the weight are kept for the backward, which reads the patches
 /// from `x` again (a patch matrix is nine times the input for a 3x3 kernel).
 pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize, dilation: usize) -> Result<Tensor> {
-    conv2d_with(x, weight, stride, padding, dilation, None)
+    conv2d_with(x, weight, stride, padding, dilation, None, None)
 }
 
 fn conv2d_with(
@@ -329,6 +340,7 @@ fn conv2d_with(
     padding: usize,
     dilation: usize,
     packed: Option<Arc<PackedRows>>,
+    after: Option<Arc<ChannelAffine>>,
 ) -> Result<Tensor> {
     let (_, c, h, w) = x.dims4()?;
     let (_, c_w, k, k2) = weight.dims4()?;
@@ -336,7 +348,7 @@ fn conv2d_with(
         candle_core::bail!("conv2d: input {:?} and weight {:?} do not fit", x.dims(), weight.dims());
     }
     let p = Patches { kernel: k, stride, padding, dilation, channels: c, h, w };
-    apply(x, weight, Conv(p, packed))
+    apply(x, weight, Conv(p, packed, after))
 }
 
 /// `weight` `[C_out, C, k, k]` (f32, CPU) packed once for [`conv2d_prepacked`].
@@ -359,12 +371,29 @@ pub fn conv2d_prepacked(
     padding: usize,
     dilation: usize,
 ) -> Result<Tensor> {
-    conv2d_with(x, weight, stride, padding, dilation, Some(packed.clone()))
+    conv2d_with(x, weight, stride, padding, dilation, Some(packed.clone()), None)
 }
 
-/// `(x, W) -> y`: the convolution, with W's packed copy when it has one.
+/// [`conv2d_prepacked`] with a frozen eval-mode BatchNorm and its activation ([`ChannelAffine`])
+/// applied to each output channel as the product finishes it: no pass of their own. No
+/// gradient flows through it: `x` must not need one (a frozen network's activations).
+pub fn conv2d_prepacked_then(
+    x: &Tensor,
+    weight: &Tensor,
+    packed: &Arc<PackedRows>,
+    (stride, padding, dilation): (usize, usize, usize),
+    after: ChannelAffine,
+) -> Result<Tensor> {
+    if x.track_op() || weight.track_op() || after.channels() != weight.dim(0)? {
+        candle_core::bail!("conv2d_prepacked_then: for a frozen convolution of {} channels", after.channels());
+    }
+    conv2d_with(x, weight, stride, padding, dilation, Some(packed.clone()), Some(Arc::new(after)))
+}
+
+/// `(x, W) -> y`: the convolution, with W's packed copy when it has one, and a map per output
+/// channel after it when it has one (then without a backward).
 #[derive(Debug, Clone)]
-struct Conv(Patches, Option<Arc<PackedRows>>);
+struct Conv(Patches, Option<Arc<PackedRows>>, Option<Arc<ChannelAffine>>);
 
 /// `(g, W) -> ∂x`: the input gradient for output gradient `g` (a transposed convolution).
 #[derive(Debug, Clone, Copy)]
@@ -401,9 +430,10 @@ impl CustomOp2 for Conv {
         let (b, c_out) = (l1.dims()[0], l2.dims()[0]);
         let (oh, ow) = p.out_hw();
         let weight = Mat::rows(weight, p.rows());
+        let after = self.2.as_deref();
         let y = match &self.1 {
-            Some(packed) => convolve(p, x, &Prepacked { lines: weight, packed }, c_out)?,
-            None => convolve(p, x, &weight, c_out)?,
+            Some(packed) => convolve(p, x, &Prepacked { lines: weight, packed }, c_out, after)?,
+            None => convolve(p, x, &weight, c_out, after)?,
         };
         Ok((CpuStorage::F32(y), Shape::from((b, c_out, oh, ow))))
     }
@@ -415,6 +445,9 @@ impl CustomOp2 for Conv {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.2.is_some() {
+            candle_core::bail!("conv2d with a channel map after it has no backward (frozen networks only)")
+        }
         Ok((
             needed(x, || apply_in_backward(grad, weight, GradInput(self.0)))?,
             needed(weight, || apply_in_backward(x, grad, GradWeight(self.0)))?,
@@ -445,7 +478,7 @@ impl CustomOp2 for GradInput {
         let (oh, ow) = p.out_hw();
         let (k, image_len) = (p.kernel, p.channels * p.h * p.w);
         let dx = if let Some(flipped) = self.as_convolution(c_out) {
-            convolve(flipped, grad, &FlippedKernel { weight, channels: p.channels, taps: k * k }, p.channels)?
+            convolve(flipped, grad, &FlippedKernel { weight, channels: p.channels, taps: k * k }, p.channels, None)?
         } else {
             let mut dx = vec![0f32; b * image_len];
             let mut cols = vec![0f32; p.rows() * oh * ow];
@@ -468,7 +501,7 @@ impl CustomOp2 for GradInput {
         r: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((
-            needed(grad, || apply_in_backward(r, weight, Conv(self.0, None)))?,
+            needed(grad, || apply_in_backward(r, weight, Conv(self.0, None, None)))?,
             needed(weight, || apply_in_backward(r, grad, GradWeight(self.0)))?,
         ))
     }
@@ -498,7 +531,7 @@ impl CustomOp2 for GradWeight {
     fn bwd(&self, x: &Tensor, grad: &Tensor, _res: &Tensor, r: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((
             needed(x, || apply_in_backward(grad, r, GradInput(self.0)))?,
-            needed(grad, || apply_in_backward(x, r, Conv(self.0, None)))?,
+            needed(grad, || apply_in_backward(x, r, Conv(self.0, None, None)))?,
         ))
     }
 }

@@ -231,12 +231,30 @@ unsafe fn strided_lines_avx512(
 /// `data[(j / block) · block_stride + i · ldc + j % block]`. Plain rows have one block; a
 /// product over a batch's positions lands as `[B, m, positions]` with no copy afterwards.
 /// The product only ever writes finished values into `data`, so it may start uninitialised.
-#[derive(Debug)]
 pub struct Dest<'a> {
     data: &'a mut [MaybeUninit<f32>],
     ldc: usize,
     block: usize,
     block_stride: usize,
+    finish: Option<&'a RowFinish<'a>>,
+}
+
+/// What a product does to a finished run of `C`'s row `i` (`f(i, run)`), as each part of the
+/// product completes, while the part is still in cache.
+pub type RowFinish<'f> = dyn Fn(usize, &mut [f32]) + Sync + 'f;
+
+impl std::fmt::Debug for Dest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Dest({} values, ldc {}, block {}/{}, finish {})",
+            self.data.len(),
+            self.ldc,
+            self.block,
+            self.block_stride,
+            self.finish.is_some()
+        )
+    }
 }
 
 impl<'a> Dest<'a> {
@@ -252,12 +270,22 @@ impl<'a> Dest<'a> {
 
     /// [`Dest::rows`] over memory not yet written.
     pub fn rows_uninit(data: &'a mut [MaybeUninit<f32>], ldc: usize) -> Self {
-        Self { data, ldc, block: usize::MAX, block_stride: 0 }
+        Self { data, ldc, block: usize::MAX, block_stride: 0, finish: None }
     }
 
     /// [`Dest::batched`] over memory not yet written.
     pub fn batched_uninit(data: &'a mut [MaybeUninit<f32>], m: usize, positions: usize) -> Self {
-        Self { data, ldc: positions, block: positions, block_stride: m * positions }
+        Self { data, ldc: positions, block: positions, block_stride: m * positions, finish: None }
+    }
+
+    /// This `C` with `finish` applied to every row's values once they are final.
+    fn then(self, finish: &'a RowFinish<'a>) -> Self {
+        Self { finish: Some(finish), ..self }
+    }
+
+    /// Where the product writes.
+    fn out(&mut self) -> Out {
+        Out { ptr: self.data.as_mut_ptr().cast(), ldc: self.ldc, block: self.block, block_stride: self.block_stride }
     }
 
     /// Whether an `m x n` `C` fills `data[..m · n]` with no gaps.
@@ -292,14 +320,35 @@ pub fn sgemm_new(
     b: &impl Lines,
     dest: impl for<'b> FnOnce(&'b mut [MaybeUninit<f32>]) -> Dest<'b>,
 ) -> Vec<f32> {
+    sgemm_new_then(m, n, k, a, b, dest, None)
+}
+
+/// [`sgemm_new`] with `finish` applied to the values once they are final ([`Dest::then`]).
+pub fn sgemm_new_then(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &impl Lines,
+    b: &impl Lines,
+    dest: impl for<'b> FnOnce(&'b mut [MaybeUninit<f32>]) -> Dest<'b>,
+    finish: Option<&RowFinish<'_>>,
+) -> Vec<f32> {
     let mut c = Vec::with_capacity(m * n);
     let spare = &mut c.spare_capacity_mut()[..m * n];
     let at = spare.as_ptr();
     let dest = dest(spare);
+    let mut dest = match finish {
+        Some(finish) => dest.then(finish),
+        None => dest,
+    };
     let covers = std::ptr::eq(dest.data.as_ptr(), at) && dest.data.len() == m * n && dest.is_dense(m, n);
     assert!(covers, "sgemm_new: C must cover its {m}x{n} entries");
     if k == 0 {
         dest.data.fill(MaybeUninit::new(0.0));
+        if let Some(finish) = dest.finish {
+            // SAFETY: `C` covers its `m x n` entries (asserted), all written just now.
+            unsafe { dest.out().finish(0..m, 0..n, finish) };
+        }
     } else {
         sgemm(m, n, k, a, b, dest);
     }
@@ -402,6 +451,20 @@ impl Out {
     unsafe fn at(&self, i: usize, j: usize) -> *mut f32 {
         unsafe { self.ptr.add(j / self.block * self.block_stride + i * self.ldc + j % self.block) }
     }
+
+    /// `finish` on the runs of `C[rows, cols]` that lie contiguous (a row within a block).
+    /// The caller owns that region, written in full.
+    unsafe fn finish(&self, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, finish: &RowFinish<'_>) {
+        for i in rows {
+            let mut j = cols.start;
+            while j < cols.end {
+                let run = (self.block - j % self.block).min(cols.end - j);
+                // SAFETY: the caller's: the run lies inside its region of C, initialised.
+                finish(i, unsafe { std::slice::from_raw_parts_mut(self.at(i, j), run) });
+                j += run;
+            }
+        }
+    }
 }
 
 /// One operand's packed blocks: all of it packed once up front (shared by the threads), or
@@ -460,14 +523,14 @@ fn pack_all_into(operand: &impl Lines, lines: usize, k: usize, width: usize, dst
     runs.into_par_iter().for_each(|(pc, kc, l, run)| operand.pack(l, per_run.min(lines - l), pc, kc, width, run));
 }
 
-fn sgemm_with<A: Lines, B: Lines>(tile: Tile, m: usize, n: usize, k: usize, a: &A, b: &B, c: Dest) {
+fn sgemm_with<A: Lines, B: Lines>(tile: Tile, m: usize, n: usize, k: usize, a: &A, b: &B, mut c: Dest) {
     if m == 0 || n == 0 {
         return;
     }
-    let Dest { data, ldc, block, block_stride } = c;
+    let Dest { ldc, block, block_stride, finish, .. } = c;
     let last = (n - 1) / block * block_stride + (m - 1) * ldc + (n - 1) % block;
-    assert!(last < data.len(), "sgemm: C ({m}x{n}, {ldc}/{block}/{block_stride}) out of bounds");
-    let out = Out { ptr: data.as_mut_ptr().cast(), ldc, block, block_stride };
+    assert!(last < c.data.len(), "sgemm: C ({m}x{n}, {ldc}/{block}/{block_stride}) out of bounds");
+    let out = c.out();
     // A few parts per thread, taken as threads come free: a core that another process or a
     // page fault slows down then holds up the product by a small part rather than half of it.
     // Below ~64³ multiply-adds a split costs more than it saves.
@@ -499,12 +562,19 @@ fn sgemm_with<A: Lines, B: Lines>(tile: Tile, m: usize, n: usize, k: usize, a: &
                 Some((panels, padded_lines)) => Side::Packed { panels, padded_lines },
                 None => own,
             };
-            if split_n {
+            let (rows, cols) = if split_n {
+                let (rows, cols) = (0..m, first * NR..(end * NR).min(n));
                 let a = a_side(Side::Packed { panels: packed.as_slice(), padded_lines });
-                blocked(tile, 0..m, first * NR..(end * NR).min(n), k, &a, &Side::Lazy(b), out);
+                blocked(tile, rows.clone(), cols.clone(), k, &a, &Side::Lazy(b), out);
+                (rows, cols)
             } else {
+                let (rows, cols) = (first * MR..(end * MR).min(m), 0..n);
                 let b: Side<B> = Side::Packed { panels: packed.as_slice(), padded_lines };
-                blocked(tile, first * MR..(end * MR).min(m), 0..n, k, &a_side(Side::Lazy(a)), &b, out);
+                blocked(tile, rows.clone(), cols.clone(), k, &a_side(Side::Lazy(a)), &b, out);
+                (rows, cols)
+            };
+            if let Some(finish) = finish {
+                out.finish(rows, cols, finish);
             }
         }
     });
@@ -746,7 +816,15 @@ mod tests {
                         let index = |i: usize, j: usize| j / block * block_stride + i * ldc + j % block;
                         let start = values(index(m - 1, n - 1) + 4, 3);
                         let mut c = start.clone();
-                        sgemm_with(tile, m, n, k, &a, &b, Dest { data: as_uninit(&mut c), ldc, block, block_stride });
+                        sgemm_with(
+                            tile,
+                            m,
+                            n,
+                            k,
+                            &a,
+                            &b,
+                            Dest { data: as_uninit(&mut c), ldc, block, block_stride, finish: None },
+                        );
                         let mut want: Vec<f64> = start.iter().map(|&v| v as f64).collect();
                         for i in 0..m {
                             for j in 0..n {
@@ -845,5 +923,33 @@ mod tests {
             sgemm_new(4, 3, 3, &a, &Mat::rows(&bv, 3), |c| Dest::rows_uninit(c, 3))
         });
         assert!(misfit.is_err(), "A packed as 3x4 used as 4x3");
+    }
+
+    /// A finish applied as the parts complete gives what applying it afterwards gives, for
+    /// products split either way, stored as rows or per image, and with no depth at all; each
+    /// entry is finished once.
+    #[test]
+    fn finish_equals_applying_it_afterwards() {
+        let finish = |i: usize, run: &mut [f32]| run.iter_mut().for_each(|v| *v = (*v * 0.5 + i as f32).max(1.0));
+        for &(m, n, k, positions) in &[(13, 578, 300, 289), (700, 40, 520, 20), (64, 2178, 576, 1089), (5, 6, 0, 3)] {
+            let (av, bv) = (values(m * k, 10), values(k * n, 11));
+            let (a, b) = (Mat::rows(&av, k), Mat::columns(&bv, n));
+            for batched in [false, true] {
+                fn layout(
+                    c: &mut [MaybeUninit<f32>],
+                    batched: bool,
+                    (m, n, positions): (usize, usize, usize),
+                ) -> Dest<'_> {
+                    if batched { Dest::batched_uninit(c, m, positions) } else { Dest::rows_uninit(c, n) }
+                }
+                let shape = (m, n, positions);
+                let mut want = sgemm_new(m, n, k, &a, &b, |c| layout(c, batched, shape));
+                for (r, row) in want.chunks_mut(if batched { positions } else { n }).enumerate() {
+                    finish(r % m, row);
+                }
+                let got = sgemm_new_then(m, n, k, &a, &b, |c| layout(c, batched, shape), Some(&finish));
+                assert_eq!(got, want, "{m}x{n}x{k}, batched {batched}");
+            }
+        }
     }
 }
