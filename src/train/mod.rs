@@ -37,10 +37,11 @@ pub trait DenseNet {
     }
 }
 
-/// A task: what a batch is, where its images are, and its own loss.
-pub trait Task {
-    type Batch;
-    type Net: DenseNet;
+/// A task: what a batch is, where its images are, and its own loss. Sendable, as the trainer
+/// runs a step on a worker of the thread pool.
+pub trait Task: Send {
+    type Batch: Sync;
+    type Net: DenseNet + Send;
     fn images<'a>(&self, batch: &'a Self::Batch) -> &'a Tensor;
     fn task_loss(&self, out: &<Self::Net as DenseNet>::Output, batch: &Self::Batch) -> Result<Losses>;
 }
@@ -177,6 +178,15 @@ fn sum_of_squares(t: &Tensor) -> Result<f64> {
     t.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()
 }
 
+/// [`Trainer::student_update`]'s result: the report, the problem, the teacher's and the
+/// student's dense outputs.
+type StudentUpdate = (StepReport, Option<String>, Option<DenseOutputs>, DenseOutputs);
+
+/// `f` run on a worker of rayon's pool (this thread waits), or here when this thread is one.
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
 /// The gradients of `vars` are finite.
 fn grads_finite(grads: &candle_core::backprop::GradStore, vars: &[(String, Var)]) -> Result<bool> {
     all_finite(vars.iter().filter_map(|(_, v)| grads.get(v)))
@@ -277,38 +287,11 @@ impl<T: Task> Trainer<T> {
             h.set_seed(SplitMix64::derive(&[self.seed, it, 2]).next_u64());
         }
 
-        let x = self.task.images(batch);
-        let t = self
-            .teacher
-            .as_ref()
-            .map(|t| Ok::<_, candle_core::Error>(T::Net::dense(&t.forward_t(x, false)?)))
-            .transpose()?;
-        let out = self.student.forward_t(x, true)?;
-        let s = T::Net::dense(&out);
-        let mut losses = self.task.task_loss(&out, batch)?;
-        if let (Some(d), Some(t)) = (&self.distiller, &t) {
-            losses.extend(d.student_losses(&s, t)?);
-        }
-        let values = losses.values()?;
-        let total = losses.total()?;
-        let mut report = StepReport {
-            iteration,
-            lr,
-            total: total.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?,
-            losses: values,
-            critic_loss: None,
-            skipped: None,
-        };
-        let mut problem =
-            report.losses.iter().find(|(_, v)| !v.is_finite()).map(|(n, v)| format!("loss term {n} = {v}"));
-        if problem.is_none() {
-            let grads = total.backward()?;
-            if grads_finite(&grads, &self.student_params)? {
-                self.student_opt.step(&grads)?;
-            } else {
-                problem = Some("non-finite student gradient".into());
-            }
-        }
+        // The student's part on a worker of the thread pool: the many parallel ops inside then
+        // start on the thread that calls them, where from any other thread each parallel call
+        // blocks it until a worker wakes it again. 128² steps alternated with and without, paired
+        // medians over 7 runs: 0.97–1.06, median 0.98.
+        let (mut report, mut problem, t, s) = on_pool(|| self.student_update(batch, iteration, lr))?;
         if problem.is_none()
             && let (Some(d), Some(t), Some(opt)) = (&self.distiller, &t, &mut self.critic_opt)
             && let Some(critic) = d.critic_loss(&s.detach(), t)?
@@ -341,6 +324,45 @@ impl<T: Task> Trainer<T> {
             ),
         }
         Ok(report)
+    }
+
+    /// Teacher and student forward, the losses and, when they are finite, the student's
+    /// backward and update: the report, what went wrong (if anything), and both networks'
+    /// dense outputs for the critic.
+    fn student_update(&mut self, batch: &T::Batch, iteration: usize, lr: f64) -> Result<StudentUpdate> {
+        let x = self.task.images(batch);
+        let t = self
+            .teacher
+            .as_ref()
+            .map(|t| Ok::<_, candle_core::Error>(T::Net::dense(&t.forward_t(x, false)?)))
+            .transpose()?;
+        let out = self.student.forward_t(x, true)?;
+        let s = T::Net::dense(&out);
+        let mut losses = self.task.task_loss(&out, batch)?;
+        if let (Some(d), Some(t)) = (&self.distiller, &t) {
+            losses.extend(d.student_losses(&s, t)?);
+        }
+        let values = losses.values()?;
+        let total = losses.total()?;
+        let report = StepReport {
+            iteration,
+            lr,
+            total: total.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?,
+            losses: values,
+            critic_loss: None,
+            skipped: None,
+        };
+        let mut problem =
+            report.losses.iter().find(|(_, v)| !v.is_finite()).map(|(n, v)| format!("loss term {n} = {v}"));
+        if problem.is_none() {
+            let grads = total.backward()?;
+            if grads_finite(&grads, &self.student_params)? {
+                self.student_opt.step(&grads)?;
+            } else {
+                problem = Some("non-finite student gradient".into());
+            }
+        }
+        Ok((report, problem, t, s))
     }
 
     /// Every piece of state a resumed run needs, by name (see [`state`]).
