@@ -321,8 +321,8 @@ fn convolve(
     let (oh, ow) = p.out_hw();
     let b = x.len() / (p.channels * p.h * p.w);
     let cols = Taps::new(p, x, false)?;
-    let finish = |c: usize, run: &mut [f32]| after.expect("only with a map").apply(c, run);
-    let finish = after.is_some().then_some(&finish as &RowFinish<'_>);
+    let finish = after.map(|after| move |c: usize, run: &mut [f32]| after.apply(c, run));
+    let finish = finish.as_ref().map(|f| f as &RowFinish<'_>);
     Ok(sgemm_new_then(c_out, b * oh * ow, p.rows(), weight, &cols, |y| Dest::batched_uninit(y, c_out, oh * ow), finish))
 }
 

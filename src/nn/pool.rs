@@ -34,6 +34,9 @@ pub fn pool_out_size(len: usize, kernel: usize, stride: usize, padding: usize, c
     Ok(out)
 }
 
+/// Per output row and per output column, the input rows or columns its window covers.
+type Windows = (Vec<std::ops::Range<usize>>, Vec<std::ops::Range<usize>>);
+
 /// `nn.MaxPool2d(kernel, stride, padding, ceil_mode=..)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MaxPool2d {
@@ -125,40 +128,29 @@ impl MaxPool2d {
         windows.contiguous()?.gather(&first_max, D::Minus1)?.squeeze(D::Minus1)
     }
 
-    /// One `H x W` plane's window maxima into `out` (`OH x OW`): first every input row's maxima
-    /// over the windows' columns (into `rows`), then every window's over its rows. The values
+    /// One `H x W` plane's (`w` wide) window maxima into `out` (`OH x OW`, the windows as
+    /// [`Self::windows`] gives them): first every input row's maxima over the windows' columns
+    /// (into `rows`), then every window's over its rows. The values
     /// [`Self::for_each_window`]'s first maxima have (a maximum is one in any order, though a
     /// zero maximum may come out with the other sign; NaN is passed over alike, and a window of
     /// NaN only stays NaN), with no branch per value: the stem's pool in a 256x512 inference
     /// took 11.5 ms window by window, 4.4–5.3 ms so.
-    fn max_plane(
-        &self,
-        x: &[f32],
-        (h, w): (usize, usize),
-        (oh, ow): (usize, usize),
-        out: &mut [f32],
-        rows: &mut Vec<f32>,
-    ) {
-        let ((kh, kw), (sh, sw), (ph, pw)) = (self.kernel, self.stride, self.padding);
-        let span = |o: usize, k: usize, s: usize, p: usize, n: usize| {
-            (o * s).saturating_sub(p)..(o * s + k).saturating_sub(p).min(n)
-        };
-        let cols: Vec<std::ops::Range<usize>> = (0..ow).map(|ox| span(ox, kw, sw, pw, w)).collect();
+    fn max_plane(x: &[f32], w: usize, (ys, xs): &Windows, out: &mut [f32], rows: &mut Vec<f32>) {
+        let ow = xs.len();
         rows.clear();
-        rows.resize(h * ow, 0.0);
+        rows.resize(x.len() / w * ow, 0.0);
         for (src, dst) in x.chunks_exact(w).zip(rows.chunks_exact_mut(ow)) {
-            for (d, xs) in dst.iter_mut().zip(&cols) {
-                *d = match src[xs.clone()] {
+            for (d, cols) in dst.iter_mut().zip(xs) {
+                *d = match src[cols.clone()] {
                     // The stem's windows: three columns, unrolled.
                     [a, b, c] => a.max(b).max(c),
                     ref window => window[1..].iter().fold(window[0], |m, &v| m.max(v)),
                 };
             }
         }
-        for (oy, dst) in out.chunks_exact_mut(ow).enumerate().take(oh) {
-            let ys = span(oy, kh, sh, ph, h);
-            dst.copy_from_slice(&rows[ys.start * ow..][..ow]);
-            for row in rows[(ys.start + 1) * ow..ys.end * ow].chunks_exact(ow) {
+        for (dst, window_rows) in out.chunks_exact_mut(ow).zip(ys) {
+            dst.copy_from_slice(&rows[window_rows.start * ow..][..ow]);
+            for row in rows[(window_rows.start + 1) * ow..window_rows.end * ow].chunks_exact(ow) {
                 for (d, &v) in dst.iter_mut().zip(row) {
                     *d = d.max(v);
                 }
@@ -166,15 +158,23 @@ impl MaxPool2d {
         }
     }
 
+    /// The input rows and columns each output row and column's window covers, clipped to an
+    /// `h x w` input.
+    fn windows(&self, h: usize, w: usize) -> Result<Windows> {
+        let (oh, ow) = self.output_hw(h, w)?;
+        let span = |o: usize, k: usize, s: usize, p: usize, n: usize| {
+            (o * s).saturating_sub(p)..(o * s + k).saturating_sub(p).min(n)
+        };
+        let ((kh, kw), (sh, sw), (ph, pw)) = (self.kernel, self.stride, self.padding);
+        Ok(((0..oh).map(|o| span(o, kh, sh, ph, h)).collect(), (0..ow).map(|o| span(o, kw, sw, pw, w)).collect()))
+    }
+
     /// For one `H x W` plane, calls `f(output index, input index of the window's first maximum)`
     /// for every window.
     fn for_each_window(&self, x: &[f32], (h, w): (usize, usize), mut f: impl FnMut(usize, usize)) -> Result<()> {
-        let (oh, ow) = self.output_hw(h, w)?;
-        let ((kh, kw), (sh, sw), (ph, pw)) = (self.kernel, self.stride, self.padding);
-        for oy in 0..oh {
-            let ys = (oy * sh).saturating_sub(ph)..(oy * sh + kh).saturating_sub(ph).min(h);
-            for ox in 0..ow {
-                let xs = (ox * sw).saturating_sub(pw)..(ox * sw + kw).saturating_sub(pw).min(w);
+        let (rows, cols) = self.windows(h, w)?;
+        for (oy, ys) in rows.iter().enumerate() {
+            for (ox, xs) in cols.iter().enumerate() {
                 let (mut best, mut at) = (f32::NEG_INFINITY, ys.start * w + xs.start);
                 for iy in ys.clone() {
                     for ix in xs.clone() {
@@ -183,7 +183,7 @@ impl MaxPool2d {
                         }
                     }
                 }
-                f(oy * ow + ox, at);
+                f(oy * cols.len() + ox, at);
             }
         }
         Ok(())
@@ -200,11 +200,12 @@ impl CustomOp1 for MaxPool2d {
         let &[b, c, h, w] = layout.dims() else {
             candle_core::bail!("max-pool: expects [B, C, H, W], got {:?}", layout.dims())
         };
-        let (oh, ow) = self.output_hw(h, w)?;
+        let windows = self.windows(h, w)?;
+        let (oh, ow) = (windows.0.len(), windows.1.len());
         let mut y = vec![0f32; b * c * oh * ow];
         y.par_chunks_mut(oh * ow)
             .zip(x.par_chunks(h * w))
-            .for_each_init(Vec::new, |rows, (dst, plane)| self.max_plane(plane, (h, w), (oh, ow), dst, rows));
+            .for_each_init(Vec::new, |rows, (dst, plane)| Self::max_plane(plane, w, &windows, dst, rows));
         Ok((CpuStorage::F32(y), Shape::from((b, c, oh, ow))))
     }
 
@@ -289,7 +290,7 @@ mod tests {
         for pool in [MaxPool2d::new((3, 3), (2, 2), (1, 1), true), MaxPool2d::new((2, 2), (2, 2), (0, 0), true)] {
             let (oh, ow) = pool.output_hw(h, w)?;
             let mut got = vec![0f32; oh * ow];
-            pool.max_plane(&x, (h, w), (oh, ow), &mut got, &mut Vec::new());
+            MaxPool2d::max_plane(&x, w, &pool.windows(h, w)?, &mut got, &mut Vec::new());
             let mut want = vec![0f32; oh * ow];
             pool.for_each_window(&x, (h, w), |o, at| want[o] = x[at])?;
             assert_eq!(
