@@ -42,8 +42,12 @@ fn conv_weight_gradient_tracks() -> bool {
 #[test]
 fn penalty_through_the_worker_equals_the_process_wide_flag() {
     assert!(std::env::var_os("CANDLE_GRAD_DO_NOT_DETACH").is_some(), ".cargo/config.toml sets the flag for tests");
-    let reference = critic_step();
-    assert!(conv_weight_gradient_tracks(), "with the flag a gradient keeps its graph");
+    // The reference on a pool of its own, so that the global pool's threads start only after
+    // the flag is gone, as in the binaries: an op that hands a backward's work to the pool must
+    // not depend on the pool's threads keeping the graph.
+    let flagged = rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("a pool");
+    let reference = flagged.install(critic_step);
+    assert!(flagged.install(conv_weight_gradient_tracks), "with the flag a gradient keeps its graph");
     // As skd::init_process does: the worker latches the flag, then the flag goes away.
     assert!(skd::nn::double_backward::start().expect("worker"));
     // SAFETY: this process runs this one test; the worker has latched the flag and waits.

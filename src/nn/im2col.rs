@@ -408,15 +408,31 @@ fn apply(a: &Tensor, b: &Tensor, op: impl CustomOp2 + Send + Sync + 'static) -> 
     a.contiguous()?.apply_op2(&b.contiguous()?, op)
 }
 
-/// [`apply`] inside a backward: the arguments as [`operand`] gives them.
-fn apply_in_backward(a: &Tensor, b: &Tensor, op: impl CustomOp2 + Send + Sync + 'static) -> Result<Tensor> {
-    apply(&operand(a), &operand(b), op)
-}
-
 /// A gradient for `arg` only where the graph needs one: the image a network starts from and
 /// frozen weights get none (the stem's input gradient alone is a full convolution).
 fn needed(arg: &Tensor, gradient: impl FnOnce() -> Result<Tensor>) -> Result<Option<Tensor>> {
     arg.track_op().then(gradient).transpose()
+}
+
+/// The gradients of an op's two arguments where the graph needs them ([`needed`]), each
+/// `op(x, y)` of forward arguments, computed side by side on the thread pool: the two products'
+/// parts fill each other's waits (a product's last parts leave a thread idle). 128² training
+/// steps alternated with and without in one process: paired median 0.96 (quartiles 0.90–1.02,
+/// 29 pairs). The arguments are taken as this thread's backward reads them ([`operand`])
+/// before the products leave it: the pool's threads need not keep the graph of gradients where
+/// this one does (the WGAN-GP penalty's).
+fn both_needed<P, Q>(
+    (a, (a_x, a_y), a_op): (&Tensor, (&Tensor, &Tensor), P),
+    (b, (b_x, b_y), b_op): (&Tensor, (&Tensor, &Tensor), Q),
+) -> Result<(Option<Tensor>, Option<Tensor>)>
+where
+    P: CustomOp2 + Send + Sync + 'static,
+    Q: CustomOp2 + Send + Sync + 'static,
+{
+    let (a_x, a_y, b_x, b_y) = (operand(a_x), operand(a_y), operand(b_x), operand(b_y));
+    let (grad_a, grad_b) =
+        rayon::join(|| needed(a, || apply(&a_x, &a_y, a_op)), || needed(b, || apply(&b_x, &b_y, b_op)));
+    Ok((grad_a?, grad_b?))
 }
 
 impl CustomOp2 for Conv {
@@ -448,10 +464,7 @@ impl CustomOp2 for Conv {
         if self.2.is_some() {
             candle_core::bail!("conv2d with a channel map after it has no backward (frozen networks only)")
         }
-        Ok((
-            needed(x, || apply_in_backward(grad, weight, GradInput(self.0)))?,
-            needed(weight, || apply_in_backward(x, grad, GradWeight(self.0)))?,
-        ))
+        both_needed((x, (grad, weight), GradInput(self.0)), (weight, (x, grad), GradWeight(self.0)))
     }
 }
 
@@ -500,10 +513,7 @@ impl CustomOp2 for GradInput {
         _res: &Tensor,
         r: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((
-            needed(grad, || apply_in_backward(r, weight, Conv(self.0, None, None)))?,
-            needed(weight, || apply_in_backward(r, grad, GradWeight(self.0)))?,
-        ))
+        both_needed((grad, (r, weight), Conv(self.0, None, None)), (weight, (r, grad), GradWeight(self.0)))
     }
 }
 
@@ -529,10 +539,7 @@ impl CustomOp2 for GradWeight {
 
     /// `⟨g·cols(x)ᵀ, R⟩`: `∂x = col2im(Rᵀ·g)`, `∂g = conv(x, R)`.
     fn bwd(&self, x: &Tensor, grad: &Tensor, _res: &Tensor, r: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((
-            needed(x, || apply_in_backward(grad, r, GradInput(self.0)))?,
-            needed(grad, || apply_in_backward(x, r, Conv(self.0, None, None)))?,
-        ))
+        both_needed((x, (grad, r), GradInput(self.0)), (grad, (x, r), Conv(self.0, None, None)))
     }
 }
 
