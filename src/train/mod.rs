@@ -172,11 +172,26 @@ fn sum_of_squares(t: &Tensor) -> Result<f64> {
     use rayon::prelude::*;
     let (storage, layout) = t.storage_and_layout();
     if let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
-        let partial = data[start..end].par_chunks(1 << 14).map(|c| c.iter().map(|v| v * v).sum::<f32>());
+        let partial = data[start..end].par_chunks(1 << 14).map(squares_in_lanes);
         return Ok(partial.reduce(|| 0.0, |a, b| a + b) as f64);
     }
     drop(storage);
     t.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()
+}
+
+/// The sum of squares in sixteen running sums, which the compiler keeps in one vector
+/// register: with one sum every value waits for the addition before it (a 128² step's 13 M
+/// gradients: 6.5–8.5 ms of the step that way, 3.4–4.0 in lanes).
+fn squares_in_lanes(values: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let chunks = values.chunks_exact(16);
+    let rest: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for chunk in chunks {
+        for (lane, v) in lanes.iter_mut().zip(chunk) {
+            *lane += v * v;
+        }
+    }
+    lanes.iter().sum::<f32>() + rest
 }
 
 /// [`Trainer::student_update`]'s result: the report, the problem, the teacher's and the
@@ -447,22 +462,26 @@ mod tests {
     use candle_core::Device;
 
     /// The one-pass CPU check and the tensor-op path (a transposed view) agree: finite values
-    /// pass, NaN, infinities and values whose square overflows f32 do not.
+    /// pass, NaN, infinities and values whose square overflows f32 do not, inside the sixteen
+    /// lanes of a pass or in the values past the last sixteen (the last one).
     #[test]
     fn all_finite_refuses_nan_inf_and_overflowing_squares() -> Result<()> {
         let dev = Device::Cpu;
-        let base: Vec<f32> = (0..50_000).map(|i| (i % 97) as f32 - 48.0).collect();
-        for (bad, want) in
-            [(None, true), (Some(f32::NAN), false), (Some(f32::NEG_INFINITY), false), (Some(1e20), false)]
-        {
-            let mut v = base.clone();
-            if let Some(x) = bad {
-                v[31_337] = x;
+        let (rows, cols) = (251, 199);
+        let base: Vec<f32> = (0..rows * cols).map(|i| (i % 97) as f32 - 48.0).collect();
+        for at in [31_337, rows * cols - 1] {
+            for (bad, want) in
+                [(None, true), (Some(f32::NAN), false), (Some(f32::NEG_INFINITY), false), (Some(1e20), false)]
+            {
+                let mut v = base.clone();
+                if let Some(x) = bad {
+                    v[at] = x;
+                }
+                let t = Tensor::from_vec(v, (rows, cols), &dev)?;
+                let small = Tensor::new(&[1f32, 2.0], &dev)?;
+                assert_eq!(all_finite([&small, &t])?, want, "{bad:?} at {at}, contiguous");
+                assert_eq!(all_finite([&t.t()?, &small])?, want, "{bad:?} at {at}, transposed");
             }
-            let t = Tensor::from_vec(v, (250, 200), &dev)?;
-            let small = Tensor::new(&[1f32, 2.0], &dev)?;
-            assert_eq!(all_finite([&small, &t])?, want, "{bad:?}, contiguous");
-            assert_eq!(all_finite([&t.t()?, &small])?, want, "{bad:?}, transposed");
         }
         Ok(())
     }
