@@ -288,6 +288,16 @@ impl PspNet {
     /// `x`: `[B, 3, H, W]` BGR minus the mean. Training needs a batch of at least 2: the bin-1
     /// pyramid branch's BatchNorm sees one value per channel per sample.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<PspOutput> {
+        self.forward_heads(x, train, true)
+    }
+
+    /// [`PspNet::forward_t`] without the DSN head (`aux_logits` is `None`): what distillation
+    /// reads from a frozen teacher (the head is 7% of the r101 teacher's multiply-adds).
+    pub fn forward_without_dsn(&self, x: &Tensor, train: bool) -> Result<PspOutput> {
+        self.forward_heads(x, train, false)
+    }
+
+    fn forward_heads(&self, x: &Tensor, train: bool, dsn: bool) -> Result<PspOutput> {
         let (b, c, _, _) = x.dims4()?;
         if c != 3 {
             candle_core::bail!("pspnet: expected [B, 3, H, W] images, got {:?}", x.dims());
@@ -299,7 +309,7 @@ impl PspNet {
         }
         let backbone = self.backbone.forward_t(x, train)?;
         let [_, _, c3, c4] = &backbone.layers;
-        let aux_logits = self.dsn.as_ref().map(|d| d.forward_t(c3, train)).transpose()?;
+        let aux_logits = self.dsn.as_ref().filter(|_| dsn).map(|d| d.forward_t(c3, train)).transpose()?;
         let feature = self.pspmodule.forward_t(c4, train)?;
         let logits = self.head.forward(&feature)?;
         Ok(PspOutput { logits, aux_logits, feature, backbone })

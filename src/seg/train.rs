@@ -40,6 +40,11 @@ impl DenseNet for PspNet {
         out.dense()
     }
 
+    /// Without the DSN head, whose logits distillation never reads.
+    fn teacher_dense(&self, images: &Tensor) -> candle_core::Result<crate::distill::DenseOutputs> {
+        Ok(self.forward_without_dsn(images, false)?.dense())
+    }
+
     fn reseed(&self, seed: u64) {
         self.set_dropout_seed(seed);
     }
@@ -212,4 +217,32 @@ pub fn run(cfg: &TrainConfig, run_dir: &Path, opts: &RunOptions) -> Result<RunSu
         val: last_val,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// A teacher's dense outputs, its DSN head left out, are the full forward's bit for bit.
+    #[test]
+    fn teacher_dense_leaves_out_only_the_dsn_head() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let net = PspNet::new(
+            &super::super::pspnet::PspConfig::pspnet_r18(),
+            crate::nn::init::seeded_var_builder(&vm, 7, DType::F32, &dev),
+        )?;
+        let x = Tensor::randn(0f32, 1.0, (1, 3, 40, 48), &dev)?;
+        let full = net.forward_t(&x, false)?;
+        assert!(full.aux_logits.is_some(), "the preset has a DSN head");
+        let (want, got) = (full.dense(), net.teacher_dense(&x)?);
+        let bits = |ts: &[Tensor]| -> candle_core::Result<Vec<Vec<u32>>> {
+            ts.iter().map(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())).collect()
+        };
+        assert_eq!(bits(&got.logits)?, bits(&want.logits)?);
+        assert_eq!(bits(&got.features)?, bits(&want.features)?);
+        assert!(net.forward_without_dsn(&x, false)?.aux_logits.is_none());
+        Ok(())
+    }
 }

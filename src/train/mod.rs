@@ -29,6 +29,11 @@ pub trait DenseNet {
     type Output: Send;
     fn forward_t(&self, images: &Tensor, train: bool) -> Result<Self::Output>;
     fn dense(out: &Self::Output) -> DenseOutputs;
+    /// A frozen teacher's dense outputs: an evaluation-mode forward, which may leave out what
+    /// distillation never reads.
+    fn teacher_dense(&self, images: &Tensor) -> Result<DenseOutputs> {
+        Ok(Self::dense(&self.forward_t(images, false)?))
+    }
     /// Re-keys the random choices inside the network (dropout masks).
     fn reseed(&self, seed: u64);
     /// Parameters (by `VarMap` key) the optimiser leaves alone.
@@ -352,10 +357,7 @@ impl<T: Task> Trainer<T> {
         // alternated with and without in one process: paired median 0.88 (quartiles
         // 0.83–1.04, 39 pairs).
         let (t, out) = rayon::join(
-            || {
-                let teacher = self.teacher.as_ref();
-                teacher.map(|t| Ok::<_, candle_core::Error>(T::Net::dense(&t.forward_t(x, false)?))).transpose()
-            },
+            || self.teacher.as_ref().map(|t| t.teacher_dense(x)).transpose(),
             || self.student.forward_t(x, true),
         );
         let (t, out) = (t?, out?);
