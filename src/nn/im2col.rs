@@ -13,9 +13,7 @@
 use super::batch_norm::ChannelAffine;
 use super::cpu_f32;
 use super::double_backward::operand;
-use super::sgemm::{
-    Dest, Lines, Mat, PackedRows, Prepacked, RowFinish, pack_strided, sgemm, sgemm_new, sgemm_new_then,
-};
+use super::sgemm::{Dest, Lines, Mat, PackedRows, Prepacked, RowFinish, pack_strided, sgemm, sgemm_new};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -323,7 +321,7 @@ fn convolve(
     let cols = Taps::new(p, x, false)?;
     let finish = after.map(|after| move |c: usize, run: &mut [f32]| after.apply(c, run));
     let finish = finish.as_ref().map(|f| f as &RowFinish<'_>);
-    Ok(sgemm_new_then(c_out, b * oh * ow, p.rows(), weight, &cols, |y| Dest::batched_uninit(y, c_out, oh * ow), finish))
+    Ok(sgemm_new(c_out, b * oh * ow, p.rows(), weight, &cols, |y| Dest::batched_uninit(y, c_out, oh * ow), finish))
 }
 
 /// `conv2d(x, weight)` (no bias) for f32 on the CPU: `x` `[B, C, H, W]`, `weight`
@@ -533,7 +531,7 @@ impl CustomOp2 for GradWeight {
         let b = x.len() / (p.channels * p.h * p.w);
         let g = BatchMaps { data: grad, maps: c_out, size: oh * ow };
         let cols = Taps::new(p, x, true)?;
-        let dw = sgemm_new(c_out, p.rows(), b * oh * ow, &g, &cols, |dw| Dest::rows_uninit(dw, p.rows()));
+        let dw = sgemm_new(c_out, p.rows(), b * oh * ow, &g, &cols, |dw| Dest::rows_uninit(dw, p.rows()), None);
         Ok((CpuStorage::F32(dw), Shape::from((c_out, p.channels, p.kernel, p.kernel))))
     }
 

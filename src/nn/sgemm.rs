@@ -311,20 +311,9 @@ pub fn sgemm(m: usize, n: usize, k: usize, a: &impl Lines, b: &impl Lines, c: De
 
 /// The product as a new vector of `m · n` floats laid out as `dest` says (it must cover them
 /// all, as [`Dest::rows_uninit`] with `ldc = n` and [`Dest::batched_uninit`] do): every entry is
-/// written once, none zeroed first (a serial pass as long as the product's output otherwise).
+/// written once, none zeroed first (a serial pass as long as the product's output otherwise);
+/// `finish`, if given, applied to the values once they are final ([`Dest::then`]).
 pub fn sgemm_new(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &impl Lines,
-    b: &impl Lines,
-    dest: impl for<'b> FnOnce(&'b mut [MaybeUninit<f32>]) -> Dest<'b>,
-) -> Vec<f32> {
-    sgemm_new_then(m, n, k, a, b, dest, None)
-}
-
-/// [`sgemm_new`] with `finish` applied to the values once they are final ([`Dest::then`]).
-pub fn sgemm_new_then(
     m: usize,
     n: usize,
     k: usize,
@@ -883,19 +872,19 @@ mod tests {
             let (av, bv) = (values(m * k, 4), values(k * n, 5));
             let (a, b) = (Mat::rows(&av, k), Mat::columns(&bv, n));
             drop(vec![f32::NAN; m * n * 2]);
-            let rows = sgemm_new(m, n, k, &a, &b, |c| Dest::rows_uninit(c, n));
+            let rows = sgemm_new(m, n, k, &a, &b, |c| Dest::rows_uninit(c, n), None);
             let mut want = vec![0f32; m * n];
             sgemm(m, n, k, &a, &b, Dest::rows(&mut want, n));
             assert_eq!(rows, want, "{m}x{n}x{k} rows");
             drop(vec![f32::NAN; m * n * 2]);
-            let batched = sgemm_new(m, n, k, &a, &b, |c| Dest::batched_uninit(c, m, positions));
+            let batched = sgemm_new(m, n, k, &a, &b, |c| Dest::batched_uninit(c, m, positions), None);
             let mut want = vec![0f32; m * n];
             sgemm(m, n, k, &a, &b, Dest::batched(&mut want, m, positions));
             assert_eq!(batched, want, "{m}x{n}x{k} batched");
         }
         let gaps = std::panic::catch_unwind(|| {
             let (av, bv) = (values(12, 6), values(12, 7));
-            sgemm_new(3, 4, 4, &Mat::rows(&av, 4), &Mat::rows(&bv, 4), |c| Dest::rows_uninit(c, 5))
+            sgemm_new(3, 4, 4, &Mat::rows(&av, 4), &Mat::rows(&bv, 4), |c| Dest::rows_uninit(c, 5), None)
         });
         assert!(gaps.is_err(), "a row stride wider than the row leaves gaps");
     }
@@ -910,9 +899,10 @@ mod tests {
             let (av, bv) = (values(m * k, 8), values(k * n, 9));
             let (a, b) = (Mat::rows(&av, k), Mat::columns(&bv, n));
             let packed = PackedRows::new(&a, m, k);
-            let want = sgemm_new(m, n, k, &a, &b, |c| Dest::rows_uninit(c, n));
+            let want = sgemm_new(m, n, k, &a, &b, |c| Dest::rows_uninit(c, n), None);
             for round in 0..2 {
-                let got = sgemm_new(m, n, k, &Prepacked { lines: a, packed: &packed }, &b, |c| Dest::rows_uninit(c, n));
+                let got =
+                    sgemm_new(m, n, k, &Prepacked { lines: a, packed: &packed }, &b, |c| Dest::rows_uninit(c, n), None);
                 assert_eq!(got, want, "{m}x{n}x{k}, round {round}");
             }
         }
@@ -920,7 +910,7 @@ mod tests {
         let packed = PackedRows::new(&Mat::rows(&av, 4), 3, 4);
         let misfit = std::panic::catch_unwind(|| {
             let a = Prepacked { lines: Mat::rows(&av, 3), packed: &packed };
-            sgemm_new(4, 3, 3, &a, &Mat::rows(&bv, 3), |c| Dest::rows_uninit(c, 3))
+            sgemm_new(4, 3, 3, &a, &Mat::rows(&bv, 3), |c| Dest::rows_uninit(c, 3), None)
         });
         assert!(misfit.is_err(), "A packed as 3x4 used as 4x3");
     }
@@ -943,11 +933,11 @@ mod tests {
                     if batched { Dest::batched_uninit(c, m, positions) } else { Dest::rows_uninit(c, n) }
                 }
                 let shape = (m, n, positions);
-                let mut want = sgemm_new(m, n, k, &a, &b, |c| layout(c, batched, shape));
+                let mut want = sgemm_new(m, n, k, &a, &b, |c| layout(c, batched, shape), None);
                 for (r, row) in want.chunks_mut(if batched { positions } else { n }).enumerate() {
                     finish(r % m, row);
                 }
-                let got = sgemm_new_then(m, n, k, &a, &b, |c| layout(c, batched, shape), Some(&finish));
+                let got = sgemm_new(m, n, k, &a, &b, |c| layout(c, batched, shape), Some(&finish));
                 assert_eq!(got, want, "{m}x{n}x{k}, batched {batched}");
             }
         }
