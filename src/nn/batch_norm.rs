@@ -124,7 +124,7 @@ impl BatchNorm {
         let (weight, bias) = (weight.to_vec1::<f32>()?, bias.to_vec1::<f32>()?);
         let (scale, shift) =
             (0..weight.len()).map(|ch| scale_shift(weight[ch], bias[ch], stats.mean[ch], stats.invstd[ch])).unzip();
-        Ok(Some(ChannelAffine { scale, shift, act }))
+        Ok(Some(ChannelAffine::new(scale, shift, act)))
     }
 }
 
@@ -144,6 +144,12 @@ pub struct ChannelAffine {
 }
 
 impl ChannelAffine {
+    /// `x · scale[c] + shift[c]`, then `act`.
+    pub fn new(scale: Vec<f32>, shift: Vec<f32>, act: Activation) -> Self {
+        assert_eq!(scale.len(), shift.len(), "ChannelAffine: a scale and a shift per channel");
+        Self { scale, shift, act }
+    }
+
     pub fn channels(&self) -> usize {
         self.scale.len()
     }

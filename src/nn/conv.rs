@@ -5,7 +5,7 @@
 //! `a = √5`); candle-nn's `conv2d` uses a Kaiming normal instead. Keys: `weight`, `bias`.
 
 use super::batch_norm::ChannelAffine;
-use super::sgemm::PackedRows;
+use super::im2col::PreparedWeight;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use std::sync::{Arc, OnceLock};
@@ -66,7 +66,7 @@ pub struct Conv {
     /// The weight packed for the CPU's products, made on the first CPU forward of a weight that
     /// is no variable (a frozen network's, which never changes): the r101 teacher's 42 M weights
     /// are then packed once, not in every step.
-    packed: OnceLock<Arc<PackedRows>>,
+    packed: OnceLock<Arc<PreparedWeight>>,
 }
 
 impl Conv {
@@ -89,14 +89,14 @@ impl Conv {
     }
 
     /// The weight's packed copy, when the CPU's products can use one (see `packed`).
-    fn packed_for(&self, x: &Tensor) -> Result<Option<&Arc<PackedRows>>> {
+    fn packed_for(&self, x: &Tensor) -> Result<Option<&Arc<PreparedWeight>>> {
         if self.weight.is_variable() || !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
             return Ok(None);
         }
         Ok(Some(match self.packed.get() {
             Some(packed) => packed,
             None => {
-                let packed = Arc::new(super::im2col::pack_weight(&self.weight)?);
+                let packed = Arc::new(super::im2col::pack_weight(&self.weight, self.spec.stride)?);
                 self.packed.get_or_init(|| packed)
             }
         }))
@@ -150,12 +150,23 @@ mod tests {
     use candle_core::{DType, Device};
     use std::collections::HashMap;
 
-    /// A frozen convolution (plain-tensor weight) packs its weight once and gives the same
-    /// values, bit for bit, as the same convolution with a variable weight, which packs anew.
+    /// A frozen convolution (plain-tensor weight) packs its weight once (or transforms it, for
+    /// Winograd's tiles) and gives the same values, bit for bit, as the same convolution with a
+    /// variable weight, which packs anew.
     #[test]
     fn a_frozen_weight_is_packed_once_with_the_same_results() -> Result<()> {
+        for (spec, winograd) in [
+            (ConvSpec::new(5, 19, 3).padding(2).dilation(2), false),
+            (ConvSpec::new(5, 256, 3).padding(2).dilation(2), false),
+            (ConvSpec::new(256, 256, 3).padding(1), true),
+        ] {
+            frozen_equals_trainable(spec, winograd)?;
+        }
+        Ok(())
+    }
+
+    fn frozen_equals_trainable(spec: ConvSpec, winograd: bool) -> Result<()> {
         let dev = Device::Cpu;
-        let spec = ConvSpec::new(5, 19, 3).padding(2).dilation(2);
         let vm = candle_nn::VarMap::new();
         let trainable = Conv::new(spec, true, super::super::init::seeded_var_builder(&vm, 3, DType::F32, &dev))?;
         let tensors: HashMap<String, Tensor> = vm
@@ -166,11 +177,16 @@ mod tests {
             .map(|(k, v)| (k.clone(), v.as_tensor().copy().expect("copy")))
             .collect();
         let frozen = Conv::new(spec, true, VarBuilder::from_tensors(tensors, DType::F32, &dev))?;
-        let x = Tensor::randn(0f32, 1.0, (2, 5, 13, 11), &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (2, spec.c_in, 13, 11), &dev)?;
         let want = trainable.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
         for call in 0..2 {
-            assert_eq!(frozen.forward(&x)?.flatten_all()?.to_vec1::<f32>()?, want, "call {call}");
-            assert!(frozen.packed.get().is_some(), "the frozen weight is packed");
+            assert_eq!(frozen.forward(&x)?.flatten_all()?.to_vec1::<f32>()?, want, "{spec:?} call {call}");
+            let prepared = frozen.packed.get().map(|p| matches!(**p, PreparedWeight::Winograd(_)));
+            assert_eq!(
+                prepared,
+                Some(winograd),
+                "{spec:?}: the frozen weight is prepared, for Winograd's tiles or not"
+            );
         }
         assert!(trainable.packed.get().is_none(), "a variable weight is packed in each product");
         Ok(())

@@ -13,7 +13,8 @@
 use super::batch_norm::ChannelAffine;
 use super::cpu_f32;
 use super::double_backward::operand;
-use super::sgemm::{Dest, Lines, Mat, PackedRows, Prepacked, RowFinish, pack_strided, sgemm, sgemm_new};
+use super::sgemm::{Dest, Lines, Mat, PackedRows, RowFinish, pack_strided, sgemm, sgemm_new};
+use super::winograd;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -337,7 +338,7 @@ fn conv2d_with(
     stride: usize,
     padding: usize,
     dilation: usize,
-    packed: Option<Arc<PackedRows>>,
+    packed: Option<Arc<PreparedWeight>>,
     after: Option<Arc<ChannelAffine>>,
 ) -> Result<Tensor> {
     let (_, c, h, w) = x.dims4()?;
@@ -349,14 +350,26 @@ fn conv2d_with(
     apply(x, weight, Conv(p, packed, after))
 }
 
-/// `weight` `[C_out, C, k, k]` (f32, CPU) packed once for [`conv2d_prepacked`].
-pub fn pack_weight(weight: &Tensor) -> Result<PackedRows> {
+/// A frozen weight prepared once for its CPU forwards: packed as the product's A, or (3x3,
+/// stride 1) transformed for [`winograd`].
+#[derive(Debug)]
+pub enum PreparedWeight {
+    Packed(PackedRows),
+    Winograd(winograd::Kernel),
+}
+
+/// `weight` `[C_out, C, k, k]` (f32, CPU) prepared once for [`conv2d_prepacked`] with `stride`.
+pub fn pack_weight(weight: &Tensor, stride: usize) -> Result<PreparedWeight> {
     let (c_out, c, k, _) = weight.dims4()?;
     let weight = weight.contiguous()?;
     let (storage, layout) = weight.storage_and_layout();
     let candle_core::Storage::Cpu(storage) = &*storage else { candle_core::bail!("pack_weight: CPU tensors only") };
     let data = cpu_f32(storage, layout, "pack_weight")?;
-    Ok(PackedRows::new(&Mat::rows(data, c * k * k), c_out, c * k * k))
+    Ok(if winograd::applies(k, stride, c, c_out) {
+        PreparedWeight::Winograd(winograd::Kernel::new(data, c_out, c, false))
+    } else {
+        PreparedWeight::Packed(PackedRows::new(&Mat::rows(data, c * k * k), c_out, c * k * k))
+    })
 }
 
 /// [`conv2d`] with the weight's packed copy ([`pack_weight`]), for a weight used in many
@@ -364,7 +377,7 @@ pub fn pack_weight(weight: &Tensor) -> Result<PackedRows> {
 pub fn conv2d_prepacked(
     x: &Tensor,
     weight: &Tensor,
-    packed: &Arc<PackedRows>,
+    packed: &Arc<PreparedWeight>,
     stride: usize,
     padding: usize,
     dilation: usize,
@@ -378,7 +391,7 @@ pub fn conv2d_prepacked(
 pub fn conv2d_prepacked_then(
     x: &Tensor,
     weight: &Tensor,
-    packed: &Arc<PackedRows>,
+    packed: &Arc<PreparedWeight>,
     (stride, padding, dilation): (usize, usize, usize),
     after: ChannelAffine,
 ) -> Result<Tensor> {
@@ -391,7 +404,7 @@ pub fn conv2d_prepacked_then(
 /// `(x, W) -> y`: the convolution, with W's packed copy when it has one, and a map per output
 /// channel after it when it has one (then without a backward).
 #[derive(Debug, Clone)]
-struct Conv(Patches, Option<Arc<PackedRows>>, Option<Arc<ChannelAffine>>);
+struct Conv(Patches, Option<Arc<PreparedWeight>>, Option<Arc<ChannelAffine>>);
 
 /// `(g, W) -> ∂x`: the input gradient for output gradient `g` (a transposed convolution).
 #[derive(Debug, Clone, Copy)]
@@ -445,8 +458,12 @@ impl CustomOp2 for Conv {
         let (oh, ow) = p.out_hw();
         let weight = Mat::rows(weight, p.rows());
         let after = self.2.as_deref();
-        let y = match &self.1 {
-            Some(packed) => convolve(p, x, &Prepacked { lines: weight, packed }, c_out, after)?,
+        let y = match self.1.as_deref() {
+            Some(PreparedWeight::Winograd(kernel)) => winograd::convolve(p, x, kernel, after),
+            Some(PreparedWeight::Packed(packed)) => convolve(p, x, packed, c_out, after)?,
+            None if winograd::applies(p.kernel, p.stride, p.channels, c_out) => {
+                winograd::convolve(p, x, &winograd::Kernel::new(weight.data, c_out, p.channels, false), after)
+            }
             None => convolve(p, x, &weight, c_out, after)?,
         };
         Ok((CpuStorage::F32(y), Shape::from((b, c_out, oh, ow))))
@@ -488,7 +505,11 @@ impl CustomOp2 for GradInput {
         let (b, c_out) = (l1.dims()[0], l2.dims()[0]);
         let (oh, ow) = p.out_hw();
         let (k, image_len) = (p.kernel, p.channels * p.h * p.w);
-        let dx = if let Some(flipped) = self.as_convolution(c_out) {
+        let dx = if let Some(flipped) =
+            self.as_convolution(c_out).filter(|q| winograd::applies(q.kernel, q.stride, q.channels, p.channels))
+        {
+            winograd::convolve(flipped, grad, &winograd::Kernel::new(weight, c_out, p.channels, true), None)
+        } else if let Some(flipped) = self.as_convolution(c_out) {
             convolve(flipped, grad, &FlippedKernel { weight, channels: p.channels, taps: k * k }, p.channels, None)?
         } else {
             let mut dx = vec![0f32; b * image_len];
@@ -566,6 +587,8 @@ mod tests {
             (2, 3, 3, 1, 4, 4, 9, 9),
             // Several depth blocks, panels and a threaded split of the products.
             (40, 24, 3, 1, 1, 1, 20, 21),
+            // Enough channel pairs for Winograd's tiles, the forward and the input gradient.
+            (256, 256, 3, 1, 2, 2, 6, 7),
         ];
         for (i, &(c, c_out, k, s, p, d, h, w)) in cases.iter().enumerate() {
             let x = Var::from_tensor(&Tensor::from_vec(values(2 * c * h * w, i), (2, c, h, w), &dev)?)?;

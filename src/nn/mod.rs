@@ -16,6 +16,7 @@ pub mod resize;
 pub mod rng;
 pub mod sgemm;
 pub mod spectral_norm;
+pub mod winograd;
 
 pub use add_relu::add_relu;
 pub use attention::SelfAttention;

@@ -54,6 +54,47 @@ impl PackedRows {
         Self { panels: std::mem::take(&mut panels.0), lines, depth }
     }
 
+    /// `N` operands of `lines x depth` computed from one source in one pass (a transformed
+    /// kernel's 16 matrices), packed as [`PackedRows::new`] packs one: `fill(line0, p, runs)`
+    /// writes entry `(line0 + i, p)` of operand `e` to `runs[e][i]`, for the (at most `MR`)
+    /// lines of one panel. Panels are filled in parallel, each down the whole depth.
+    pub fn many<const N: usize>(
+        lines: usize,
+        depth: usize,
+        fill: impl Fn(usize, usize, &mut [&mut [f32]; N]) + Sync,
+    ) -> [Self; N] {
+        let padded = lines.div_ceil(MR) * MR;
+        let size = (padded * depth).div_ceil(16);
+        let mut all: [Vec<CacheLine>; N] = std::array::from_fn(|_| Vec::with_capacity(size));
+        let starts: [SharedPtr; N] = std::array::from_fn(|e| SharedPtr(all[e].as_mut_ptr().cast()));
+        (0..padded / MR).into_par_iter().for_each(|q| {
+            let n = MR.min(lines - q * MR);
+            for p in 0..depth {
+                let block = p / KC * KC;
+                let at = block * padded + q * MR * KC.min(depth - block) + (p - block) * MR;
+                // SAFETY: panel `q`'s entries at depth `p` lie inside each buffer's capacity and
+                // belong to this task alone.
+                let mut runs: [&mut [f32]; N] =
+                    std::array::from_fn(|e| unsafe { std::slice::from_raw_parts_mut(starts[e].0.add(at), MR) });
+                for run in &mut runs {
+                    run[n..].fill(0.0);
+                    *run = &mut std::mem::take(run)[..n];
+                }
+                fill(q * MR, p, &mut runs);
+            }
+        });
+        all.map(|mut panels| {
+            // SAFETY: every entry of `padded x depth` was written above; what rounds it up to
+            // whole cache lines is zeroed here.
+            unsafe {
+                let tail = size * 16 - padded * depth;
+                std::ptr::write_bytes(panels.as_mut_ptr().cast::<f32>().add(padded * depth), 0, tail);
+                panels.set_len(size);
+            }
+            Self { panels, lines, depth }
+        })
+    }
+
     /// Lines rounded up to whole panels, as [`pack_all`] lays them.
     fn padded_lines(&self) -> usize {
         self.lines.div_ceil(MR) * MR
@@ -71,19 +112,25 @@ impl std::fmt::Debug for PackedRows {
     }
 }
 
-/// A matrix with its packed copy: products use the copy as A, anything else packs `lines`.
-pub struct Prepacked<'a, L> {
-    pub lines: L,
-    pub packed: &'a PackedRows,
-}
-
-impl<L: Lines> Lines for Prepacked<'_, L> {
+/// The packed copy is itself an operand: a product takes it as A as it is; packing it (as B, or
+/// a product's other uses) reads the entries back from the panels.
+impl Lines for PackedRows {
     fn pack(&self, line0: usize, lines: usize, depth0: usize, kc: usize, width: usize, dst: &mut [f32]) {
-        self.lines.pack(line0, lines, depth0, kc, width, dst);
+        let (panels, padded) = (self.as_slice(), self.padded_lines());
+        for (j, out) in dst[..lines.div_ceil(width) * width * kc].iter_mut().enumerate() {
+            let (line, p) = (line0 + j / (width * kc) * width + j % width, depth0 + j / width % kc);
+            *out = if line < line0 + lines {
+                let block = p / KC * KC;
+                let block_kc = KC.min(self.depth - block);
+                panels[block * padded + line / MR * MR * block_kc + (p - block) * MR + line % MR]
+            } else {
+                0.0
+            };
+        }
     }
 
     fn packed_rows(&self) -> Option<&PackedRows> {
-        Some(self.packed)
+        Some(self)
     }
 }
 
@@ -348,6 +395,30 @@ pub fn sgemm_new(
     c
 }
 
+/// `C = A · Bᵀ` (`C` row-major with row stride `ldc`) on the calling thread alone, A as
+/// [`PackedRows`] when it is one: for callers that run many small products side by side (a
+/// split and a shared packing would cost more than they save).
+pub fn sgemm_serial(m: usize, n: usize, k: usize, a: &impl Lines, b: &impl Lines, c: &mut [f32], ldc: usize) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!((m - 1) * ldc + n <= c.len(), "sgemm_serial: C ({m}x{n}, ldc {ldc}) out of bounds");
+    if k == 0 {
+        c.chunks_mut(ldc).take(m).for_each(|row| row[..n].fill(0.0));
+        return;
+    }
+    let out = Out { ptr: c.as_mut_ptr(), ldc, block: usize::MAX, block_stride: 0 };
+    let a_side = match a.packed_rows() {
+        Some(p) => {
+            assert!((p.lines, p.depth) == (m, k), "sgemm_serial: A packed as {}x{}, used as {m}x{k}", p.lines, p.depth);
+            Side::Packed { panels: p.as_slice(), padded_lines: p.padded_lines() }
+        }
+        None => Side::Lazy(a),
+    };
+    // SAFETY: C holds the `m x n` tiles (asserted); this thread alone writes them.
+    unsafe { blocked(best_tile(), 0..m, 0..n, k, &a_side, &Side::Lazy(b), out) }
+}
+
 /// A micro-kernel: `C[..rows, ..cols] (+)= A_panel · B_panelᵀ` over depth `kc` (see [`tile_avx512`]).
 type Tile = unsafe fn(usize, *const f32, *const f32, *mut f32, usize, (usize, usize), bool);
 
@@ -422,6 +493,12 @@ impl Drop for PanelBuf {
         });
     }
 }
+
+/// A buffer's start, for tasks that write disjoint parts of it.
+struct SharedPtr(*mut f32);
+// SAFETY: see each use: the tasks write disjoint entries.
+unsafe impl Send for SharedPtr {}
+unsafe impl Sync for SharedPtr {}
 
 /// `C` as a raw pointer that threads write disjoint tiles of (laid out as [`Dest`] says).
 #[derive(Clone, Copy)]
@@ -901,16 +978,17 @@ mod tests {
             let packed = PackedRows::new(&a, m, k);
             let want = sgemm_new(m, n, k, &a, &b, |c| Dest::rows_uninit(c, n), None);
             for round in 0..2 {
-                let got =
-                    sgemm_new(m, n, k, &Prepacked { lines: a, packed: &packed }, &b, |c| Dest::rows_uninit(c, n), None);
+                let got = sgemm_new(m, n, k, &packed, &b, |c| Dest::rows_uninit(c, n), None);
                 assert_eq!(got, want, "{m}x{n}x{k}, round {round}");
             }
+            // As B it is read back from its panels: `A · Aᵀ` either way.
+            let square = sgemm_new(m, m, k, &a, &a, |c| Dest::rows_uninit(c, m), None);
+            assert_eq!(sgemm_new(m, m, k, &a, &packed, |c| Dest::rows_uninit(c, m), None), square, "{m}x{k} as B");
         }
         let (av, bv) = (values(12, 6), values(12, 7));
         let packed = PackedRows::new(&Mat::rows(&av, 4), 3, 4);
         let misfit = std::panic::catch_unwind(|| {
-            let a = Prepacked { lines: Mat::rows(&av, 3), packed: &packed };
-            sgemm_new(4, 3, 3, &a, &Mat::rows(&bv, 3), |c| Dest::rows_uninit(c, 3), None)
+            sgemm_new(4, 3, 3, &packed, &Mat::rows(&bv, 3), |c| Dest::rows_uninit(c, 3), None)
         });
         assert!(misfit.is_err(), "A packed as 3x4 used as 4x3");
     }

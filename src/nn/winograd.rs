@@ -1,0 +1,543 @@
+//! 3x3 stride-1 convolutions (any padding and dilation) by Winograd's minimal filtering
+//! F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016): each
+//! 2x2 block of outputs ("tile") from its 4x4 block of inputs with 16 multiplications per
+//! channel pair instead of 36. The 16 multiplications of all tiles and channels are 16 matrix
+//! products (`M_e = U_e · V_e`, one per position `e` of the 4x4 transformed tile), so the work
+//! of a 3x3 convolution drops 2.25x before the transforms, which cost a few additions per value.
+//!
+//! With dilation `d` a tile's outputs are `d` apart and its inputs `d` apart, so a tile stays
+//! inside one of the `d x d` interleaved grids a dilated convolution never mixes; the tiles along
+//! a side are enumerated grid by grid, none past the output.
+//!
+//! The input gradient of a stride-1 convolution is itself a convolution (of the output gradient
+//! with the kernel flipped and its channel axes swapped, `im2col`'s `GradInput`), so it comes
+//! here too, its kernel transformed flipped. The weight gradient stays `im2col`'s product: in
+//! these tiles it is 16 products as deep as the tiles, whose results (16/9 of the kernel) and
+//! their transform cost more than they save on the networks' small maps (2x512->512 at 17x17:
+//! 17.0 ms for both gradients against 15.5 with `im2col`'s, `examples/conv_rate.rs`). Either
+//! way the ops compute the functions `im2col`'s compute (their adjoint structure, hence every
+//! derivative, is unchanged), rounded differently: F(2x2, 3x3)'s transforms use only 0, ±1 and
+//! ±½.
+//!
+//! The kernel's transform costs as much as a pass over a tile of every channel pair, so a frozen
+//! kernel is transformed once (`im2col::PreparedWeight`).
+
+use super::batch_norm::ChannelAffine;
+use super::im2col::Patches;
+use super::sgemm::{Mat, PackedRows, sgemm_serial};
+use rayon::prelude::*;
+
+/// Whether a convolution is one these tiles compute, and compute faster than `im2col`'s
+/// product: 3x3, stride 1, with at least 256² channel pairs. With fewer the transforms (a few
+/// additions per input, output and kernel value) cost more than the multiplications save
+/// (`examples/conv_rate.rs` on the networks' shapes: 64->64 and 128->128 slower, 256->256 and
+/// up faster).
+pub fn applies(kernel: usize, stride: usize, c_in: usize, c_out: usize) -> bool {
+    kernel == 3 && stride == 1 && c_in * c_out >= 256 * 256
+}
+
+/// Positions of the transformed 4x4 tile.
+const E: usize = 16;
+/// Floats the transformed tiles of one chunk of tiles may take (inputs and products): chunks
+/// small enough to stay in the last-level cache, large enough to make wide products.
+const CHUNK_BUDGET: usize = 4 << 20;
+
+/// `Bᵀ d` for a column of four inputs.
+fn input_1d(d: [f32; 4]) -> [f32; 4] {
+    [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
+}
+
+/// `G g` for a column of three kernel taps.
+fn kernel_1d(g: [f32; 3]) -> [f32; 4] {
+    [g[0], 0.5 * (g[0] + g[1] + g[2]), 0.5 * (g[0] - g[1] + g[2]), g[2]]
+}
+
+/// `Aᵀ m`: two outputs from four products.
+fn output_1d(m: [f32; 4]) -> [f32; 2] {
+    [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
+}
+
+/// `f` along both axes of an `R x R` block (row-major) giving `S x S`: `F X Fᵀ`.
+fn both_axes<const R: usize, const S: usize>(x: [[f32; R]; R], f: impl Fn([f32; R]) -> [f32; S]) -> [[f32; S]; S] {
+    // Columns first: `cols[j]` is `f` of input column j.
+    let cols: [[f32; S]; R] = std::array::from_fn(|j| f(std::array::from_fn(|i| x[i][j])));
+    std::array::from_fn(|i| f(std::array::from_fn(|j| cols[j][i])))
+}
+
+/// The tiles of a batch's outputs: along each side the first output of every tile (its second
+/// lies `d` further, if inside), grid by grid.
+struct Tiling {
+    p: Patches,
+    out: (usize, usize),
+    ys: Vec<usize>,
+    xs: Vec<usize>,
+    images: usize,
+}
+
+/// A run of tiles along one tile row: image `b`, tile row `iy`, tile columns `ix`, the first
+/// of which is tile `t` of the chunk.
+struct Run {
+    b: usize,
+    iy: usize,
+    ix: std::ops::Range<usize>,
+    t: usize,
+}
+
+impl Tiling {
+    fn new(p: Patches, images: usize) -> Self {
+        let out = p.out_hw();
+        let d = p.dilation;
+        let starts = |n: usize| (0..d.min(n)).flat_map(|r| (r..n).step_by(2 * d)).collect::<Vec<_>>();
+        Self { p, out, ys: starts(out.0), xs: starts(out.1), images }
+    }
+
+    fn total(&self) -> usize {
+        self.images * self.ys.len() * self.xs.len()
+    }
+
+    /// Tiles `first..first + count` as runs along tile rows.
+    fn runs(&self, first: usize, count: usize) -> Vec<Run> {
+        let tx = self.xs.len();
+        let mut runs = Vec::new();
+        let mut t = first;
+        while t < first + count {
+            let (row, ix) = (t / tx, t % tx);
+            let end = tx.min(ix + first + count - t);
+            runs.push(Run { b: row / self.ys.len(), iy: row % self.ys.len(), ix: ix..end, t: t - first });
+            t += end - ix;
+        }
+        runs
+    }
+
+    /// The input index of tap `j` (0..4) of the tile starting at output `o`, if inside `n`.
+    fn input(&self, o: usize, j: usize, n: usize) -> Option<usize> {
+        (o + j * self.p.dilation).checked_sub(self.p.padding).filter(|&i| i < n)
+    }
+
+    /// Along a side of `n` inputs, the length of a row padded so that every tile's taps lie
+    /// inside it: `padding` zeros before the inputs, zeros after.
+    fn padded(&self, starts: &[usize], n: usize) -> usize {
+        let last = starts.iter().max().map_or(0, |&s| s + 3 * self.p.dilation + 1);
+        last.max(self.p.padding + n)
+    }
+
+    /// `V` of tiles `first..first + count` of `images` (`[B, C, H, W]`): `[16][C][count]`.
+    fn transform_input(&self, images: &[f32], first: usize, count: usize, v: &mut [f32]) {
+        let (c_in, h, w) = (self.p.channels, self.p.h, self.p.w);
+        let (d, pad) = (self.p.dilation, self.p.padding);
+        let runs = self.runs(first, count);
+        let width = self.padded(&self.xs, w);
+        let v = SharedOut(v.as_mut_ptr());
+        (0..c_in).into_par_iter().for_each_init(
+            || vec![0f32; 4 * width],
+            |rows, c| {
+                let v = &v;
+                for run in &runs {
+                    let image = &images[(run.b * c_in + c) * h * w..][..h * w];
+                    // The tile row's four input rows, padded (zero outside the image).
+                    for (i, row) in rows.chunks_exact_mut(width).enumerate() {
+                        match self.input(self.ys[run.iy], i, h) {
+                            Some(y) => {
+                                row[pad..pad + w].copy_from_slice(&image[y * w..][..w]);
+                                row[..pad].fill(0.0);
+                                row[pad + w..].fill(0.0);
+                            }
+                            None => row.fill(0.0),
+                        }
+                    }
+                    // SAFETY: entries (e, c, run's tiles) of `[16][C][count]`: this task's alone;
+                    // the taps lie inside the padded rows (`padded`).
+                    unsafe {
+                        let out = v.0.add(c * count + run.t);
+                        input_tiles(rows, width, &self.xs[run.ix.clone()], d, out, c_in * count);
+                    }
+                }
+            },
+        );
+    }
+
+    /// Writes the outputs of tiles `first..first + count` from their products `m`
+    /// (`[16][C_out][count]`) into `y` (`[B, C_out, Ho, Wo]`), `after` applied to each.
+    fn transform_output(
+        &self,
+        m: &[f32],
+        c_out: usize,
+        first: usize,
+        count: usize,
+        y: &SharedOut,
+        after: Option<&ChannelAffine>,
+    ) {
+        let (oh, ow) = self.out;
+        let d = self.p.dilation;
+        let runs = self.runs(first, count);
+        let plane = c_out * count;
+        (0..c_out).into_par_iter().for_each(|o| {
+            for run in &runs {
+                let map = (run.b * c_out + o) * oh * ow;
+                let y0 = self.ys[run.iy];
+                let rows = [y0, y0 + d].map(|y| (y < oh).then_some(map + y * ow));
+                for (g, xs) in self.xs[run.ix.clone()].chunks(16).enumerate() {
+                    let mut values = output_tiles(&m[o * count + run.t + 16 * g..], plane, xs.len());
+                    if let Some(after) = after {
+                        values.iter_mut().for_each(|v| after.apply(o, &mut v[..xs.len()]));
+                    }
+                    for (k, &x0) in xs.iter().enumerate() {
+                        for (a, row) in rows.iter().enumerate() {
+                            let Some(row) = row else { continue };
+                            for b in 0..2 {
+                                let x = x0 + b * d;
+                                if x < ow {
+                                    // SAFETY: output (b, o, y, x) belongs to this tile alone.
+                                    unsafe { y.0.add(row + x).write(values[a * 2 + b][k]) };
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// A buffer that parallel tasks write disjoint entries of.
+struct SharedOut(*mut f32);
+// SAFETY: the tasks write disjoint entries (see each use).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+/// A kernel `[C_out, C, 3, 3]` transformed, `U_e` (`C_out x C`) for each of the 16 positions,
+/// each packed as a product's A.
+#[derive(Debug)]
+pub struct Kernel {
+    u: Box<[PackedRows]>,
+    c_out: usize,
+    c_in: usize,
+}
+
+impl Kernel {
+    /// `U_e[o][c] = (G w[o][c] Gᵀ)_e`; with `flipped`, of the kernel flipped in both spatial axes
+    /// with its channel axes swapped (the input gradient's convolution, `C` outputs from `C_out`
+    /// inputs).
+    pub fn new(weight: &[f32], c_out: usize, c_in: usize, flipped: bool) -> Self {
+        let (lines, depth) = if flipped { (c_in, c_out) } else { (c_out, c_in) };
+        // Tap `t` of line `l` at depth `p` is `weight[l · line_stride + p · depth_stride + taps[t]]`.
+        let (line_stride, depth_stride) = if flipped { (9, c_in * 9) } else { (c_in * 9, 9) };
+        let taps: [usize; 9] = std::array::from_fn(|t| if flipped { 8 - t } else { t });
+        let u = PackedRows::many(lines, depth, |line0, p, runs| {
+            let base = line0 * line_stride + p * depth_stride;
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: AVX-512 is present; the runs' lines are lines of the kernel.
+                return unsafe { kernel_lines_avx512(&weight[base..], line_stride, &taps, runs) };
+            }
+            for i in 0..runs[0].len() {
+                let w = |t: usize| weight[base + i * line_stride + taps[t]];
+                let g: [[f32; 3]; 3] = std::array::from_fn(|ky| std::array::from_fn(|kx| w(ky * 3 + kx)));
+                for (run, &value) in runs.iter_mut().zip(both_axes(g, kernel_1d).iter().flatten()) {
+                    run[i] = value;
+                }
+            }
+        });
+        Self { u: u.into(), c_out: lines, c_in: depth }
+    }
+}
+
+/// The transformed kernel of up to 16 lines at one depth, in the lanes: tap `t` of line `i` at
+/// `weight[i · line_stride + taps[t]]`, `U_e` of line `i` to `runs[e][i]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel_lines_avx512(weight: &[f32], line_stride: usize, taps: &[usize; 9], runs: &mut [&mut [f32]; E]) {
+    use std::arch::x86_64::*;
+    let n = runs[0].len();
+    let mask = ((1u32 << n) - 1) as u16;
+    let lines: [i32; 16] = std::array::from_fn(|i| (i * line_stride) as i32);
+    // SAFETY: 16 i32s.
+    let lines = unsafe { _mm512_loadu_si512(lines.as_ptr().cast()) };
+    assert!(n == 0 || (n - 1) * line_stride + 9 <= weight.len(), "kernel_lines_avx512: lines past the kernel");
+    // SAFETY: lanes below `n` read inside `weight` (asserted); the others are masked off.
+    let g: [[__m512; 3]; 3] = std::array::from_fn(|ky| {
+        std::array::from_fn(|kx| unsafe {
+            let at = _mm512_add_epi32(lines, _mm512_set1_epi32(taps[ky * 3 + kx] as i32));
+            _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, at, weight.as_ptr())
+        })
+    });
+    let half = _mm512_set1_ps(0.5);
+    let kernel = |f: [__m512; 3]| {
+        let (outer, sum) = (_mm512_add_ps(f[0], f[2]), f[1]);
+        [f[0], _mm512_mul_ps(half, _mm512_add_ps(outer, sum)), _mm512_mul_ps(half, _mm512_sub_ps(outer, sum)), f[2]]
+    };
+    let cols: [[__m512; 4]; 3] = std::array::from_fn(|kx| kernel(std::array::from_fn(|ky| g[ky][kx])));
+    for i in 0..4 {
+        for (j, v) in kernel(std::array::from_fn(|kx| cols[kx][i])).into_iter().enumerate() {
+            // SAFETY: `runs[e]` holds `n` floats; lanes past `n` are not written.
+            unsafe { _mm512_mask_storeu_ps(runs[i * 4 + j].as_mut_ptr(), mask, v) };
+        }
+    }
+}
+
+/// `y = conv(x, w)` for a batch `x` (`[B, C, H, W]` as `p` says) and a transformed kernel:
+/// `[B, C_out, Ho, Wo]`, `after` applied to each output channel.
+pub fn convolve(p: Patches, x: &[f32], kernel: &Kernel, after: Option<&ChannelAffine>) -> Vec<f32> {
+    let lines = p.channels + kernel.c_out;
+    convolve_in_chunks(p, x, kernel, after, (CHUNK_BUDGET / (E * lines)).max(32) / 32 * 32)
+}
+
+/// [`convolve`], `chunk` tiles at a time.
+fn convolve_in_chunks(p: Patches, x: &[f32], kernel: &Kernel, after: Option<&ChannelAffine>, chunk: usize) -> Vec<f32> {
+    assert!(
+        p.kernel == 3 && p.stride == 1 && kernel.c_in == p.channels,
+        "winograd: {p:?} with a {}x{} kernel",
+        kernel.c_out,
+        kernel.c_in
+    );
+    let (c_in, c_out) = (p.channels, kernel.c_out);
+    let images = x.len() / (c_in * p.h * p.w);
+    let tiling = Tiling::new(p, images);
+    let (oh, ow) = tiling.out;
+    let mut y = Vec::<f32>::with_capacity(images * c_out * oh * ow);
+    let out = SharedOut(y.as_mut_ptr());
+    let total = tiling.total();
+    let chunk = chunk.min(total);
+    let mut v = vec![0f32; E * c_in * chunk];
+    let mut m = vec![0f32; E * c_out * chunk];
+    for first in (0..total).step_by(chunk) {
+        let count = chunk.min(total - first);
+        let (v, m) = (&mut v[..E * c_in * count], &mut m[..E * c_out * count]);
+        tiling.transform_input(x, first, count, v);
+        m.par_chunks_mut(c_out * count).zip(v.par_chunks(c_in * count)).enumerate().for_each(|(e, (m, v))| {
+            sgemm_serial(c_out, count, c_in, &kernel.u[e], &Mat::columns(v, count), m, count);
+        });
+        tiling.transform_output(m, c_out, first, count, &out, after);
+    }
+    // SAFETY: the tiles cover every output position, each written once above.
+    unsafe { y.set_len(images * c_out * oh * ow) };
+    y
+}
+
+/// The input transform of a run of tiles from their four input rows (`rows`: 4 padded rows of
+/// `width`), tile `k` starting at column `xs[k]`: `V_e` of tile `k` to `out[e · e_stride + k]`.
+///
+/// # Safety
+/// `out` must be valid for those writes; every `xs[k] + 3d` lies inside a row.
+unsafe fn input_tiles(rows: &[f32], width: usize, xs: &[usize], d: usize, out: *mut f32, e_stride: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512 is present; the caller's guarantees.
+        return unsafe { input_tiles_avx512(rows, width, xs, d, out, e_stride) };
+    }
+    for (k, &x0) in xs.iter().enumerate() {
+        let tile: [[f32; 4]; 4] = std::array::from_fn(|i| std::array::from_fn(|j| rows[i * width + x0 + j * d]));
+        for (e, &value) in both_axes(tile, input_1d).iter().flatten().enumerate() {
+            // SAFETY: the caller's.
+            unsafe { out.add(e * e_stride + k).write(value) };
+        }
+    }
+}
+
+/// Lanes `l < n` of 16, and their columns `xs[l]` (0 past `n`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn lanes(xs: &[usize]) -> (u16, std::arch::x86_64::__m512i) {
+    let columns: [i32; 16] = std::array::from_fn(|l| xs.get(l).map_or(0, |&x| x as i32));
+    // SAFETY: 16 i32s.
+    let columns = unsafe { std::arch::x86_64::_mm512_loadu_si512(columns.as_ptr().cast()) };
+    (((1u32 << xs.len()) - 1) as u16, columns)
+}
+
+/// [`input_tiles`] with 16 tiles in the lanes: a gather per tap, the transform on vectors.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn input_tiles_avx512(rows: &[f32], width: usize, xs: &[usize], d: usize, out: *mut f32, e_stride: usize) {
+    use std::arch::x86_64::*;
+    for (g, xs) in xs.chunks(16).enumerate() {
+        let (mask, columns) = lanes(xs);
+        // SAFETY: the caller's: every lane's taps lie inside the rows; lanes past `n` masked.
+        let tile: [[__m512; 4]; 4] = std::array::from_fn(|i| {
+            std::array::from_fn(|j| unsafe {
+                let at = _mm512_add_epi32(columns, _mm512_set1_epi32((i * width + j * d) as i32));
+                _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, at, rows.as_ptr())
+            })
+        });
+        let column = |f: [__m512; 4]| {
+            [_mm512_sub_ps(f[0], f[2]), _mm512_add_ps(f[1], f[2]), _mm512_sub_ps(f[2], f[1]), _mm512_sub_ps(f[1], f[3])]
+        };
+        let cols: [[__m512; 4]; 4] = std::array::from_fn(|j| column(std::array::from_fn(|i| tile[i][j])));
+        let transformed: [[__m512; 4]; 4] = std::array::from_fn(|i| column(std::array::from_fn(|j| cols[j][i])));
+        for (e, &v) in transformed.iter().flatten().enumerate() {
+            // SAFETY: the caller's; lanes past `n` are not written.
+            unsafe { _mm512_mask_storeu_ps(out.add(e * e_stride + 16 * g), mask, v) };
+        }
+    }
+}
+
+/// The outputs of `n` (at most 16) tiles from their products (`M_e` of tile `k` at
+/// `m[e · e_stride + k]`): `[y00, y01, y10, y11]`, each a lane per tile.
+fn output_tiles(m: &[f32], e_stride: usize, n: usize) -> [[f32; 16]; 4] {
+    assert!(n <= 16 && (n == 0 || 15 * e_stride + n <= m.len()), "output_tiles: products past the chunk");
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512 is present; the reads lie inside `m` (asserted).
+        return unsafe { output_tiles_avx512(m, e_stride, n) };
+    }
+    let mut values = [[0f32; 16]; 4];
+    for k in 0..n {
+        let products: [[f32; 4]; 4] = std::array::from_fn(|i| std::array::from_fn(|j| m[(i * 4 + j) * e_stride + k]));
+        for (v, &value) in values.iter_mut().zip(both_axes(products, output_1d).iter().flatten()) {
+            v[k] = value;
+        }
+    }
+    values
+}
+
+/// [`output_tiles`] with the tiles in the lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn output_tiles_avx512(m: &[f32], e_stride: usize, n: usize) -> [[f32; 16]; 4] {
+    use std::arch::x86_64::*;
+    let mask = ((1u32 << n) - 1) as u16;
+    // SAFETY: the caller's: lanes below `n` lie inside `m`.
+    let p: [[__m512; 4]; 4] = std::array::from_fn(|i| {
+        std::array::from_fn(|j| unsafe { _mm512_maskz_loadu_ps(mask, m.as_ptr().add((i * 4 + j) * e_stride)) })
+    });
+    let output = |f: [__m512; 4]| {
+        [_mm512_add_ps(_mm512_add_ps(f[0], f[1]), f[2]), _mm512_sub_ps(_mm512_sub_ps(f[1], f[2]), f[3])]
+    };
+    let cols: [[__m512; 2]; 4] = std::array::from_fn(|j| output(std::array::from_fn(|i| p[i][j])));
+    let mut values = [[0f32; 16]; 4];
+    for a in 0..2 {
+        for (b, v) in output(std::array::from_fn(|j| cols[j][a])).into_iter().enumerate() {
+            // SAFETY: 16 floats.
+            unsafe { _mm512_storeu_ps(values[a * 2 + b].as_mut_ptr(), v) };
+        }
+    }
+    values
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::batch_norm::Activation;
+    use super::super::sgemm::{Dest, sgemm_new};
+    use super::*;
+
+    fn values(n: usize, salt: usize) -> Vec<f32> {
+        (0..n).map(|i| (((i * 7919 + salt * 104729) % 2003) as f32 / 1001.0) - 1.0).collect()
+    }
+
+    /// The convolution written out: `y[b][o][oy][ox] = Σ w[o][c][ky][kx] · x[b][c][oy + d·ky − p][ox + d·kx − p]`.
+    fn direct(p: Patches, x: &[f32], w: &[f32], c_out: usize) -> Vec<f32> {
+        let (oh, ow) = p.out_hw();
+        let images = x.len() / (p.channels * p.h * p.w);
+        let mut y = vec![0f32; images * c_out * oh * ow];
+        for (i, out) in y.iter_mut().enumerate() {
+            let (b, o, oy, ox) = (i / (c_out * oh * ow), i / (oh * ow) % c_out, i / ow % oh, i % ow);
+            let mut sum = 0f64;
+            for c in 0..p.channels {
+                for ky in 0..3 {
+                    for kx in 0..3 {
+                        let (iy, ix) = (
+                            (oy + ky * p.dilation) as isize - p.padding as isize,
+                            (ox + kx * p.dilation) as isize - p.padding as isize,
+                        );
+                        if (0..p.h as isize).contains(&iy) && (0..p.w as isize).contains(&ix) {
+                            let xv = x[((b * p.channels + c) * p.h + iy as usize) * p.w + ix as usize];
+                            sum += (xv * w[((o * p.channels + c) * 3 + ky) * 3 + kx]) as f64;
+                        }
+                    }
+                }
+            }
+            *out = sum as f32;
+        }
+        y
+    }
+
+    /// Every padding and dilation the networks use and more (no padding, more padding than
+    /// dilation, odd and even sides, sides shorter than the dilation's grids), one chunk and many
+    /// (a chunk that ends inside a tile row and inside an image), against the convolution
+    /// written out; the flipped kernel against flipping by hand; the channel map applied.
+    #[test]
+    fn equals_the_convolution_written_out() {
+        // (C, C_out, padding, dilation, H, W)
+        let cases = [
+            (3, 4, 1, 1, 9, 9),
+            (5, 3, 0, 1, 8, 7),
+            (4, 6, 2, 2, 9, 11),
+            (2, 3, 4, 4, 9, 10),
+            (3, 2, 4, 4, 3, 5),
+            (17, 19, 2, 1, 6, 13),
+        ];
+        for (i, &(c, c_out, padding, dilation, h, w)) in cases.iter().enumerate() {
+            let p = Patches { kernel: 3, stride: 1, padding, dilation, channels: c, h, w };
+            let x = values(2 * c * h * w, i);
+            let weight = values(c_out * c * 9, i + 50);
+            let want = direct(p, &x, &weight, c_out);
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let kernel = Kernel::new(&weight, c_out, c, false);
+            for chunk in [7, 32, usize::MAX] {
+                let got = convolve_in_chunks(p, &x, &kernel, None, chunk);
+                let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(diff <= 1e-5 * scale, "case {i} chunk {chunk}: off by {diff} (scale {scale})");
+            }
+            // The input gradient's kernel: channels swapped, taps reversed.
+            let flipped: Vec<f32> = (0..c * c_out * 9)
+                .map(|j| {
+                    let (ci, o, t) = (j / (c_out * 9), j / 9 % c_out, j % 9);
+                    weight[(o * c + ci) * 9 + 8 - t]
+                })
+                .collect();
+            let q = Patches { channels: c_out, ..p };
+            let g = values(2 * c_out * h * w, i + 7);
+            let want = direct(q, &g, &flipped, c);
+            let got = convolve(q, &g, &Kernel::new(&weight, c_out, c, true), None);
+            let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(diff <= 1e-5 * want.iter().fold(0f32, |m, v| m.max(v.abs())), "case {i} flipped: off by {diff}");
+        }
+        let p = Patches { kernel: 3, stride: 1, padding: 1, dilation: 1, channels: 3, h: 7, w: 6 };
+        let (x, weight) = (values(2 * 3 * 42, 1), values(4 * 3 * 9, 2));
+        let after = ChannelAffine::new(vec![0.5, -1.0, 2.0, 1.5], vec![0.1, 0.2, -0.3, 0.0], Activation::Relu);
+        let mut want = direct(p, &x, &weight, 4);
+        want.chunks_mut(42).enumerate().for_each(|(i, map)| after.apply(i % 4, map));
+        let got = convolve(p, &x, &Kernel::new(&weight, 4, 3, false), Some(&after));
+        let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff <= 1e-5, "with the channel map: off by {diff}");
+    }
+
+    /// The 16 matrices packed at once equal each transformed matrix packed alone.
+    #[test]
+    fn kernel_packs_like_its_matrices() {
+        let (c_out, c) = (19, 300);
+        let weight = values(c_out * c * 9, 3);
+        for flipped in [false, true] {
+            let kernel = Kernel::new(&weight, c_out, c, flipped);
+            let (lines, depth) = if flipped { (c, c_out) } else { (c_out, c) };
+            let identity: Vec<f32> =
+                (0..depth * depth).map(|i| if i / depth == i % depth { 1.0 } else { 0.0 }).collect();
+            for e in [0, 5, 15] {
+                let (i, j) = (e / 4, e % 4);
+                let want: Vec<f32> = (0..lines * depth)
+                    .map(|k| {
+                        let (l, p) = (k / depth, k % depth);
+                        let (o, ci) = if flipped { (p, l) } else { (l, p) };
+                        let w = &weight[(o * c + ci) * 9..][..9];
+                        let g: [[f32; 3]; 3] = std::array::from_fn(|ky| {
+                            std::array::from_fn(|kx| if flipped { w[(2 - ky) * 3 + 2 - kx] } else { w[ky * 3 + kx] })
+                        });
+                        both_axes(g, kernel_1d)[i][j]
+                    })
+                    .collect();
+                // `U_e · I`: the packed matrix read back through a product.
+                let got = sgemm_new(
+                    lines,
+                    depth,
+                    depth,
+                    &kernel.u[e],
+                    &Mat::rows(&identity, depth),
+                    |d| Dest::rows_uninit(d, depth),
+                    None,
+                );
+                // The vector transform adds `g0 + g2` first: rounding apart, nothing else.
+                let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(diff <= 1e-6, "flipped {flipped} e {e}: off by {diff}");
+            }
+        }
+    }
+}
