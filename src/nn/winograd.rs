@@ -28,18 +28,21 @@ use super::sgemm::{Mat, PackedRows, sgemm_serial};
 use rayon::prelude::*;
 
 /// Whether a convolution is one these tiles compute, and compute faster than `im2col`'s
-/// product: 3x3, stride 1, with at least 256² channel pairs. With fewer the transforms (a few
-/// additions per input, output and kernel value) cost more than the multiplications save
-/// (`examples/conv_rate.rs` on the networks' shapes: 64->64 and 128->128 slower, 256->256 and
-/// up faster).
+/// product: 3x3, stride 1, with at least 128² channel pairs. With fewer the transforms (a few
+/// additions per input, output and kernel value) cost about what the multiplications save
+/// (`examples/conv_rate.rs`: 64->64 at 64x64 1.7–2.8 ms in tiles against 1.5–1.8). The 128²
+/// against 256² (three rounds of the 128² training step and of the 256x512 inference, each
+/// alternated): 214.5–230.4 ms against 223.7–232.8, and 130.8–143.3 against 132.7–145.2.
 pub fn applies(kernel: usize, stride: usize, c_in: usize, c_out: usize) -> bool {
-    kernel == 3 && stride == 1 && c_in * c_out >= 256 * 256
+    kernel == 3 && stride == 1 && c_in * c_out >= 128 * 128
 }
 
 /// Positions of the transformed 4x4 tile.
 const E: usize = 16;
 /// Floats the transformed tiles of one chunk of tiles may take (inputs and products): chunks
-/// small enough to stay in the last-level cache, large enough to make wide products.
+/// small enough to stay in the last-level cache, large enough to make wide products (the 128²
+/// training step alternated with budgets of 1 Mi and 256 Ki floats: 224.7–226.3 ms against
+/// 233.1–239.4 and 243.0–252.1).
 const CHUNK_BUDGET: usize = 4 << 20;
 
 /// `Bᵀ d` for a column of four inputs.
