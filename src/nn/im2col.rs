@@ -549,6 +549,10 @@ impl CustomOp2 for GradWeight {
         // `∂W = g · cols(x)ᵀ` as one product over the whole batch: both operands run along the
         // depth B·Ho·Wo, `g` read in place, the patches packed across taps straight from the
         // images, and `∂W` written as it is stored.
+        if winograd::applies(p.kernel, p.stride, p.channels, c_out) {
+            let dw = winograd::weight_gradient(p, x, grad, c_out);
+            return Ok((CpuStorage::F32(dw), Shape::from((c_out, p.channels, p.kernel, p.kernel))));
+        }
         let b = x.len() / (p.channels * p.h * p.w);
         let g = BatchMaps { data: grad, maps: c_out, size: oh * ow };
         let cols = Taps::new(p, x, true)?;

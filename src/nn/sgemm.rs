@@ -395,16 +395,28 @@ pub fn sgemm_new(
     c
 }
 
-/// `C = A · Bᵀ` (`C` row-major with row stride `ldc`) on the calling thread alone, A as
-/// [`PackedRows`] when it is one: for callers that run many small products side by side (a
-/// split and a shared packing would cost more than they save).
-pub fn sgemm_serial(m: usize, n: usize, k: usize, a: &impl Lines, b: &impl Lines, c: &mut [f32], ldc: usize) {
+/// `C (+)= A · Bᵀ` (`add`: onto what `C`, row-major with row stride `ldc`, holds) on the
+/// calling thread alone, A as [`PackedRows`] when it is one: for callers that run many small
+/// products side by side (a split and a shared packing would cost more than they save).
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_serial(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &impl Lines,
+    b: &impl Lines,
+    c: &mut [f32],
+    ldc: usize,
+    add: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
     assert!((m - 1) * ldc + n <= c.len(), "sgemm_serial: C ({m}x{n}, ldc {ldc}) out of bounds");
     if k == 0 {
-        c.chunks_mut(ldc).take(m).for_each(|row| row[..n].fill(0.0));
+        if !add {
+            c.chunks_mut(ldc).take(m).for_each(|row| row[..n].fill(0.0));
+        }
         return;
     }
     let out = Out { ptr: c.as_mut_ptr(), ldc, block: usize::MAX, block_stride: 0 };
@@ -416,7 +428,7 @@ pub fn sgemm_serial(m: usize, n: usize, k: usize, a: &impl Lines, b: &impl Lines
         None => Side::Lazy(a),
     };
     // SAFETY: C holds the `m x n` tiles (asserted); this thread alone writes them.
-    unsafe { blocked(best_tile(), 0..m, 0..n, k, &a_side, &Side::Lazy(b), out) }
+    unsafe { blocked(best_tile(), 0..m, 0..n, k, &a_side, &Side::Lazy(b), (out, add)) }
 }
 
 /// A micro-kernel: `C[..rows, ..cols] (+)= A_panel · B_panelᵀ` over depth `kc` (see [`tile_avx512`]).
@@ -631,12 +643,12 @@ fn sgemm_with<A: Lines, B: Lines>(tile: Tile, m: usize, n: usize, k: usize, a: &
             let (rows, cols) = if split_n {
                 let (rows, cols) = (0..m, first * NR..(end * NR).min(n));
                 let a = a_side(Side::Packed { panels: packed.as_slice(), padded_lines });
-                blocked(tile, rows.clone(), cols.clone(), k, &a, &Side::Lazy(b), out);
+                blocked(tile, rows.clone(), cols.clone(), k, &a, &Side::Lazy(b), (out, false));
                 (rows, cols)
             } else {
                 let (rows, cols) = (first * MR..(end * MR).min(m), 0..n);
                 let b: Side<B> = Side::Packed { panels: packed.as_slice(), padded_lines };
-                blocked(tile, rows.clone(), cols.clone(), k, &a_side(Side::Lazy(a)), &b, out);
+                blocked(tile, rows.clone(), cols.clone(), k, &a_side(Side::Lazy(a)), &b, (out, false));
                 (rows, cols)
             };
             if let Some(finish) = finish {
@@ -647,7 +659,7 @@ fn sgemm_with<A: Lines, B: Lines>(tile: Tile, m: usize, n: usize, k: usize, a: &
 }
 
 /// The sequential BLIS loop nest over `C[rows, cols]`: B blocks `KC x NC`, A blocks `MC x KC`,
-/// micro-tiles.
+/// micro-tiles; onto what `C` holds with `add_to_c`.
 unsafe fn blocked<A: Lines, B: Lines>(
     tile: Tile,
     rows: std::ops::Range<usize>,
@@ -655,7 +667,7 @@ unsafe fn blocked<A: Lines, B: Lines>(
     k: usize,
     a: &Side<A>,
     b: &Side<B>,
-    c: Out,
+    (c, add_to_c): (Out, bool),
 ) {
     // Scratch for the lazily packed side, no larger than its biggest block.
     let scratch = |lazy: bool, block: usize, lines: usize, width: usize| {
@@ -669,7 +681,7 @@ unsafe fn blocked<A: Lines, B: Lines>(
             let kc = KC.min(k - pc);
             let b_block = b.block(jc, nc, pc, kc, NR, b_scratch.as_mut_slice());
             // Later depth blocks add to what the first one wrote.
-            let add = pc > 0;
+            let add = add_to_c || pc > 0;
             for ic in rows.clone().step_by(MC) {
                 let mc = MC.min(rows.end - ic);
                 let a_block = a.block(ic, mc, pc, kc, MR, a_scratch.as_mut_slice());

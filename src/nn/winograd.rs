@@ -11,13 +11,12 @@
 //!
 //! The input gradient of a stride-1 convolution is itself a convolution (of the output gradient
 //! with the kernel flipped and its channel axes swapped, `im2col`'s `GradInput`), so it comes
-//! here too, its kernel transformed flipped. The weight gradient stays `im2col`'s product: in
-//! these tiles it is 16 products as deep as the tiles, whose results (16/9 of the kernel) and
-//! their transform cost more than they save on the networks' small maps (2x512->512 at 17x17:
-//! 17.0 ms for both gradients against 15.5 with `im2col`'s, `examples/conv_rate.rs`). Either
-//! way the ops compute the functions `im2col`'s compute (their adjoint structure, hence every
-//! derivative, is unchanged), rounded differently: F(2x2, 3x3)'s transforms use only 0, ±1 and
-//! ±½.
+//! here too, its kernel transformed flipped. The weight gradient is `∂U_e = Ŷ_e · V_eᵀ` summed
+//! over the tiles (`Ŷ` the output gradient's transform, the adjoint of the output transform),
+//! then `∂W = Gᵀ ∂U G`; its transforms put the channels in the lanes, so that both operands
+//! lie with their lines side by side. Either way the ops compute the functions `im2col`'s
+//! compute (their adjoint structure, hence every derivative, is unchanged), rounded
+//! differently: F(2x2, 3x3)'s transforms use only 0, ±1 and ±½.
 //!
 //! The kernel's transform costs as much as a pass over a tile of every channel pair, so a frozen
 //! kernel is transformed once (`im2col::PreparedWeight`).
@@ -35,6 +34,17 @@ use rayon::prelude::*;
 /// alternated): 214.5–230.4 ms against 223.7–232.8, and 130.8–143.3 against 132.7–145.2.
 pub fn applies(kernel: usize, stride: usize, c_in: usize, c_out: usize) -> bool {
     kernel == 3 && stride == 1 && c_in * c_out >= 128 * 128
+}
+
+/// Whether the AVX-512 kernels run: where the CPU has them, unless a test asks for the portable
+/// ones (which compute the same values, rounded alike but for the order of a few additions).
+#[cfg(target_arch = "x86_64")]
+fn avx512() -> bool {
+    #[cfg(test)]
+    if tests::PORTABLE.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    std::arch::is_x86_feature_detected!("avx512f")
 }
 
 /// Positions of the transformed 4x4 tile.
@@ -58,6 +68,17 @@ fn kernel_1d(g: [f32; 3]) -> [f32; 4] {
 /// `Aᵀ m`: two outputs from four products.
 fn output_1d(m: [f32; 4]) -> [f32; 2] {
     [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
+}
+
+/// `A y`, the adjoint of [`output_1d`]: four product gradients from two output gradients.
+fn output_adjoint_1d(y: [f32; 2]) -> [f32; 4] {
+    [y[0], y[0] + y[1], y[0] - y[1], -y[1]]
+}
+
+/// `Gᵀ u`, the adjoint of [`kernel_1d`]: three tap gradients from four.
+fn kernel_adjoint_1d(u: [f32; 4]) -> [f32; 3] {
+    let mid = 0.5 * (u[1] + u[2]);
+    [u[0] + mid, 0.5 * (u[1] - u[2]), mid + u[3]]
 }
 
 /// `f` along both axes of an `R x R` block (row-major) giving `S x S`: `F X Fᵀ`.
@@ -229,7 +250,7 @@ impl Kernel {
         let u = PackedRows::many(lines, depth, |line0, p, runs| {
             let base = line0 * line_stride + p * depth_stride;
             #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            if avx512() {
                 // SAFETY: AVX-512 is present; the runs' lines are lines of the kernel.
                 return unsafe { kernel_lines_avx512(&weight[base..], (line_stride, depth_stride), &taps, runs) };
             }
@@ -321,13 +342,183 @@ fn convolve_in_chunks(p: Patches, x: &[f32], kernel: &Kernel, after: Option<&Cha
         let (v, m) = (&mut v[..E * c_in * count], &mut m[..E * c_out * count]);
         tiling.transform_input(x, first, count, v);
         m.par_chunks_mut(c_out * count).zip(v.par_chunks(c_in * count)).enumerate().for_each(|(e, (m, v))| {
-            sgemm_serial(c_out, count, c_in, &kernel.u[e], &Mat::columns(v, count), m, count);
+            sgemm_serial(c_out, count, c_in, &kernel.u[e], &Mat::columns(v, count), m, count, false);
         });
         tiling.transform_output(m, c_out, first, count, &out, after);
     }
     // SAFETY: the tiles cover every output position, each written once above.
     unsafe { y.set_len(images * c_out * oh * ow) };
     y
+}
+
+/// `∂W` (`[C_out, C, 3, 3]`) of the convolution of `x` (`[B, C, H, W]` as `p` says) for the
+/// output gradient `grad` (`[B, C_out, Ho, Wo]`): `∂U_e = Ŷ_e · V_eᵀ` summed over the tiles
+/// (16 products as deep as the tiles), then `∂W = Gᵀ ∂U G`. Here the transforms put the
+/// channels in the lanes, so that both operands lie with their lines (channels) side by side.
+pub fn weight_gradient(p: Patches, x: &[f32], grad: &[f32], c_out: usize) -> Vec<f32> {
+    let lines = p.channels + c_out;
+    weight_gradient_in_chunks(p, x, grad, c_out, (CHUNK_BUDGET / (E * lines)).max(32) / 32 * 32)
+}
+
+/// [`weight_gradient`], `chunk` tiles at a time.
+fn weight_gradient_in_chunks(p: Patches, x: &[f32], grad: &[f32], c_out: usize, chunk: usize) -> Vec<f32> {
+    assert!(p.kernel == 3 && p.stride == 1, "winograd: {p:?}");
+    let c_in = p.channels;
+    let images = x.len() / (c_in * p.h * p.w);
+    let tiling = Tiling::new(p, images);
+    let total = tiling.total();
+    let chunk = chunk.min(total);
+    let mut v = vec![0f32; E * chunk * c_in];
+    let mut yhat = vec![0f32; E * chunk * c_out];
+    let mut du = vec![0f32; E * c_out * c_in];
+    for (i, first) in (0..total).step_by(chunk).enumerate() {
+        let count = chunk.min(total - first);
+        let (v, yhat) = (&mut v[..E * count * c_in], &mut yhat[..E * count * c_out]);
+        tiling.transform_by_channels(x, c_in, first, count, v, false);
+        tiling.transform_by_channels(grad, c_out, first, count, yhat, true);
+        du.par_chunks_mut(c_out * c_in).zip(yhat.par_chunks(count * c_out).zip(v.par_chunks(count * c_in))).for_each(
+            |(du, (yhat, v))| {
+                let (a, b) = (Mat::columns(yhat, c_out), Mat::columns(v, c_in));
+                sgemm_serial(c_out, c_in, count, &a, &b, du, c_in, i > 0);
+            },
+        );
+    }
+    let plane = c_out * c_in;
+    let mut dw = vec![0f32; plane * 9];
+    dw.par_chunks_mut(9).enumerate().for_each(|(k, dw)| {
+        let du: [[f32; 4]; 4] = std::array::from_fn(|a| std::array::from_fn(|b| du[(a * 4 + b) * plane + k]));
+        for (d, &value) in dw.iter_mut().zip(both_axes(du, kernel_adjoint_1d).iter().flatten()) {
+            *d = value;
+        }
+    });
+    dw
+}
+
+impl Tiling {
+    /// The transform of tiles `first..first + count`, `[16][count][channels]`, channels side by
+    /// side: of the input `maps` (`[B, C, H, W]`, `V`), or with `of_output` of the output
+    /// gradient (`[B, C_out, Ho, Wo]`, `Ŷ`, outputs past the edge taken as 0).
+    fn transform_by_channels(
+        &self,
+        maps: &[f32],
+        channels: usize,
+        first: usize,
+        count: usize,
+        out: &mut [f32],
+        of_output: bool,
+    ) {
+        let (h, w) = if of_output { self.out } else { (self.p.h, self.p.w) };
+        let d = self.p.dilation;
+        let tx = self.xs.len();
+        let shared = SharedOut(out.as_mut_ptr());
+        (0..count).into_par_iter().with_min_len(8).for_each(|k| {
+            let shared = &shared;
+            let t = first + k;
+            let (b, iy, ix) = (t / (tx * self.ys.len()), t / tx % self.ys.len(), t % tx);
+            let (y0, x0) = (self.ys[iy], self.xs[ix]);
+            let image = &maps[b * channels * h * w..][..channels * h * w];
+            // The tile's taps as offsets into a channel's map, `None` outside it.
+            let taps: Vec<Option<usize>> = if of_output {
+                let inside = |o: usize, a: usize, n: usize| Some(o + a * d).filter(|&i| i < n);
+                (0..4).map(|j| Some(inside(y0, j / 2, h)? * w + inside(x0, j % 2, w)?)).collect()
+            } else {
+                (0..16).map(|j| Some(self.input(y0, j / 4, h)? * w + self.input(x0, j % 4, w)?)).collect()
+            };
+            // SAFETY: entries (e, k, all channels) of `[16][count][channels]`: this task's alone.
+            unsafe {
+                let at = shared.0.add(k * channels);
+                by_channels(image, h * w, &taps, channels, at, count * channels);
+            }
+        });
+    }
+}
+
+/// The transform of one tile with the channels in the lanes: `taps` (16 input taps, or 4 output
+/// gradient taps, row-major) as offsets into each channel's map of `plane` values in `image`;
+/// the transformed tile's entry `e` of channel `c` to `out[e · e_stride + c]`.
+///
+/// # Safety
+/// `out` must be valid for those writes; the taps lie inside a map.
+unsafe fn by_channels(
+    image: &[f32],
+    plane: usize,
+    taps: &[Option<usize>],
+    channels: usize,
+    out: *mut f32,
+    e_stride: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() && i32::try_from(image.len()).is_ok() {
+        // SAFETY: AVX-512 is present; the caller's guarantees; offsets fit i32.
+        return unsafe { by_channels_avx512(image, plane, taps, channels, out, e_stride) };
+    }
+    for c in 0..channels {
+        let tap = |j: usize| taps[j].map_or(0.0, |off| image[c * plane + off]);
+        let t = if taps.len() == 16 {
+            both_axes(std::array::from_fn(|i| std::array::from_fn(|j| tap(i * 4 + j))), input_1d)
+        } else {
+            both_axes(std::array::from_fn(|a| std::array::from_fn(|b| tap(a * 2 + b))), output_adjoint_1d)
+        };
+        for (e, &value) in t.iter().flatten().enumerate() {
+            // SAFETY: the caller's.
+            unsafe { out.add(e * e_stride + c).write(value) };
+        }
+    }
+}
+
+/// [`by_channels`] with 16 channels in the lanes: a gather per tap across the channels' maps.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn by_channels_avx512(
+    image: &[f32],
+    plane: usize,
+    taps: &[Option<usize>],
+    channels: usize,
+    out: *mut f32,
+    e_stride: usize,
+) {
+    use std::arch::x86_64::*;
+    let lanes: [i32; 16] = std::array::from_fn(|l| (l * plane) as i32);
+    // SAFETY: 16 i32s.
+    let lanes = unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) };
+    for c0 in (0..channels).step_by(16) {
+        let n = 16.min(channels - c0);
+        let mask = ((1u32 << n) - 1) as u16;
+        // SAFETY: the caller's: each tap of the channels below `n` lies inside `image`.
+        let tap = |j: usize| match taps[j] {
+            Some(off) => unsafe {
+                _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, lanes, image.as_ptr().add(c0 * plane + off))
+            },
+            None => _mm512_setzero_ps(),
+        };
+        let t: [__m512; 16] = if taps.len() == 16 {
+            let input = |f: [__m512; 4]| {
+                [
+                    _mm512_sub_ps(f[0], f[2]),
+                    _mm512_add_ps(f[1], f[2]),
+                    _mm512_sub_ps(f[2], f[1]),
+                    _mm512_sub_ps(f[1], f[3]),
+                ]
+            };
+            let tile: [[__m512; 4]; 4] = std::array::from_fn(|i| std::array::from_fn(|j| tap(i * 4 + j)));
+            let cols: [[__m512; 4]; 4] = std::array::from_fn(|j| input(std::array::from_fn(|i| tile[i][j])));
+            let rows: [[__m512; 4]; 4] = std::array::from_fn(|i| input(std::array::from_fn(|j| cols[j][i])));
+            std::array::from_fn(|e| rows[e / 4][e % 4])
+        } else {
+            let zero = _mm512_setzero_ps();
+            let adjoint = |f: [__m512; 2]| {
+                [f[0], _mm512_add_ps(f[0], f[1]), _mm512_sub_ps(f[0], f[1]), _mm512_sub_ps(zero, f[1])]
+            };
+            let g: [[__m512; 2]; 2] = std::array::from_fn(|a| std::array::from_fn(|b| tap(a * 2 + b)));
+            let cols: [[__m512; 4]; 2] = std::array::from_fn(|b| adjoint([g[0][b], g[1][b]]));
+            let rows: [[__m512; 4]; 4] = std::array::from_fn(|i| adjoint([cols[0][i], cols[1][i]]));
+            std::array::from_fn(|e| rows[e / 4][e % 4])
+        };
+        for (e, v) in t.into_iter().enumerate() {
+            // SAFETY: the caller's; lanes past `n` are not written.
+            unsafe { _mm512_mask_storeu_ps(out.add(e * e_stride + c0), mask, v) };
+        }
+    }
 }
 
 /// The input transform of a run of tiles from their four input rows (`rows`: 4 padded rows of
@@ -337,7 +528,7 @@ fn convolve_in_chunks(p: Patches, x: &[f32], kernel: &Kernel, after: Option<&Cha
 /// `out` must be valid for those writes; every `xs[k] + 3d` lies inside a row.
 unsafe fn input_tiles(rows: &[f32], width: usize, xs: &[usize], d: usize, out: *mut f32, e_stride: usize) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if avx512() {
         // SAFETY: AVX-512 is present; the caller's guarantees.
         return unsafe { input_tiles_avx512(rows, width, xs, d, out, e_stride) };
     }
@@ -391,7 +582,7 @@ unsafe fn input_tiles_avx512(rows: &[f32], width: usize, xs: &[usize], d: usize,
 fn output_tiles(m: &[f32], e_stride: usize, n: usize) -> [[f32; 16]; 4] {
     assert!(n <= 16 && (n == 0 || 15 * e_stride + n <= m.len()), "output_tiles: products past the chunk");
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if avx512() {
         // SAFETY: AVX-512 is present; the reads lie inside `m` (asserted).
         return unsafe { output_tiles_avx512(m, e_stride, n) };
     }
@@ -435,6 +626,22 @@ mod tests {
     use super::super::sgemm::{Dest, sgemm_new};
     use super::*;
 
+    /// Set while a test runs the portable kernels ([`avx512`]); other tests running meanwhile
+    /// take them too, and get the same values up to rounding.
+    pub(super) static PORTABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+    /// `f` once with the AVX-512 kernels (where the CPU has them) and once with the portable ones.
+    fn both_kernels(f: impl Fn(&str)) {
+        // One such test at a time, so that each half runs the kernels it names.
+        static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for portable in [false, true] {
+            PORTABLE.store(portable, std::sync::atomic::Ordering::Relaxed);
+            f(if portable { "portable" } else { "native" });
+        }
+        PORTABLE.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn values(n: usize, salt: usize) -> Vec<f32> {
         (0..n).map(|i| (((i * 7919 + salt * 104729) % 2003) as f32 / 1001.0) - 1.0).collect()
     }
@@ -472,88 +679,156 @@ mod tests {
     /// written out; the flipped kernel against flipping by hand; the channel map applied.
     #[test]
     fn equals_the_convolution_written_out() {
-        // (C, C_out, padding, dilation, H, W)
-        let cases = [
-            (3, 4, 1, 1, 9, 9),
-            (5, 3, 0, 1, 8, 7),
-            (4, 6, 2, 2, 9, 11),
-            (2, 3, 4, 4, 9, 10),
-            (3, 2, 4, 4, 3, 5),
-            (17, 19, 2, 1, 6, 13),
-        ];
-        for (i, &(c, c_out, padding, dilation, h, w)) in cases.iter().enumerate() {
-            let p = Patches { kernel: 3, stride: 1, padding, dilation, channels: c, h, w };
-            let x = values(2 * c * h * w, i);
-            let weight = values(c_out * c * 9, i + 50);
-            let want = direct(p, &x, &weight, c_out);
-            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let kernel = Kernel::new(&weight, c_out, c, false);
-            for chunk in [7, 32, usize::MAX] {
-                let got = convolve_in_chunks(p, &x, &kernel, None, chunk);
+        both_kernels(|kernels| {
+            // (C, C_out, padding, dilation, H, W)
+            let cases = [
+                (3, 4, 1, 1, 9, 9),
+                (5, 3, 0, 1, 8, 7),
+                (4, 6, 2, 2, 9, 11),
+                (2, 3, 4, 4, 9, 10),
+                (3, 2, 4, 4, 3, 5),
+                (17, 19, 2, 1, 6, 13),
+            ];
+            for (i, &(c, c_out, padding, dilation, h, w)) in cases.iter().enumerate() {
+                let p = Patches { kernel: 3, stride: 1, padding, dilation, channels: c, h, w };
+                let x = values(2 * c * h * w, i);
+                let weight = values(c_out * c * 9, i + 50);
+                let want = direct(p, &x, &weight, c_out);
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let kernel = Kernel::new(&weight, c_out, c, false);
+                for chunk in [7, 32, usize::MAX] {
+                    let got = convolve_in_chunks(p, &x, &kernel, None, chunk);
+                    let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(diff <= 1e-5 * scale, "{kernels}: case {i} chunk {chunk}: off by {diff} (scale {scale})");
+                }
+                // The input gradient's kernel: channels swapped, taps reversed.
+                let flipped: Vec<f32> = (0..c * c_out * 9)
+                    .map(|j| {
+                        let (ci, o, t) = (j / (c_out * 9), j / 9 % c_out, j % 9);
+                        weight[(o * c + ci) * 9 + 8 - t]
+                    })
+                    .collect();
+                let q = Patches { channels: c_out, ..p };
+                let g = values(2 * c_out * h * w, i + 7);
+                let want = direct(q, &g, &flipped, c);
+                let got = convolve(q, &g, &Kernel::new(&weight, c_out, c, true), None);
                 let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                assert!(diff <= 1e-5 * scale, "case {i} chunk {chunk}: off by {diff} (scale {scale})");
+                assert!(
+                    diff <= 1e-5 * want.iter().fold(0f32, |m, v| m.max(v.abs())),
+                    "{kernels}: case {i} flipped: off by {diff}"
+                );
             }
-            // The input gradient's kernel: channels swapped, taps reversed.
-            let flipped: Vec<f32> = (0..c * c_out * 9)
-                .map(|j| {
-                    let (ci, o, t) = (j / (c_out * 9), j / 9 % c_out, j % 9);
-                    weight[(o * c + ci) * 9 + 8 - t]
-                })
-                .collect();
-            let q = Patches { channels: c_out, ..p };
-            let g = values(2 * c_out * h * w, i + 7);
-            let want = direct(q, &g, &flipped, c);
-            let got = convolve(q, &g, &Kernel::new(&weight, c_out, c, true), None);
+            let p = Patches { kernel: 3, stride: 1, padding: 1, dilation: 1, channels: 3, h: 7, w: 6 };
+            let (x, weight) = (values(2 * 3 * 42, 1), values(4 * 3 * 9, 2));
+            let after = ChannelAffine::new(vec![0.5, -1.0, 2.0, 1.5], vec![0.1, 0.2, -0.3, 0.0], Activation::Relu);
+            let mut want = direct(p, &x, &weight, 4);
+            want.chunks_mut(42).enumerate().for_each(|(i, map)| after.apply(i % 4, map));
+            let got = convolve(p, &x, &Kernel::new(&weight, 4, 3, false), Some(&after));
             let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(diff <= 1e-5 * want.iter().fold(0f32, |m, v| m.max(v.abs())), "case {i} flipped: off by {diff}");
+            assert!(diff <= 1e-5, "{kernels}: with the channel map: off by {diff}");
+        });
+    }
+
+    /// The weight gradient written out: `∂W[o][c][ky][kx] = Σ g[b][o][oy][ox] · x[b][c][oy + d·ky − p][ox + d·kx − p]`.
+    fn direct_weight_gradient(p: Patches, x: &[f32], g: &[f32], c_out: usize) -> Vec<f32> {
+        let (oh, ow) = p.out_hw();
+        let images = x.len() / (p.channels * p.h * p.w);
+        let mut dw = vec![0f32; c_out * p.channels * 9];
+        for (i, out) in dw.iter_mut().enumerate() {
+            let (o, c, ky, kx) = (i / (p.channels * 9), i / 9 % p.channels, i / 3 % 3, i % 3);
+            let mut sum = 0f64;
+            for b in 0..images {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let (iy, ix) = (
+                            (oy + ky * p.dilation) as isize - p.padding as isize,
+                            (ox + kx * p.dilation) as isize - p.padding as isize,
+                        );
+                        if (0..p.h as isize).contains(&iy) && (0..p.w as isize).contains(&ix) {
+                            let xv = x[((b * p.channels + c) * p.h + iy as usize) * p.w + ix as usize];
+                            sum += (xv * g[((b * c_out + o) * oh + oy) * ow + ox]) as f64;
+                        }
+                    }
+                }
+            }
+            *out = sum as f32;
         }
-        let p = Patches { kernel: 3, stride: 1, padding: 1, dilation: 1, channels: 3, h: 7, w: 6 };
-        let (x, weight) = (values(2 * 3 * 42, 1), values(4 * 3 * 9, 2));
-        let after = ChannelAffine::new(vec![0.5, -1.0, 2.0, 1.5], vec![0.1, 0.2, -0.3, 0.0], Activation::Relu);
-        let mut want = direct(p, &x, &weight, 4);
-        want.chunks_mut(42).enumerate().for_each(|(i, map)| after.apply(i % 4, map));
-        let got = convolve(p, &x, &Kernel::new(&weight, 4, 3, false), Some(&after));
-        let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(diff <= 1e-5, "with the channel map: off by {diff}");
+        dw
+    }
+
+    /// The weight gradient in tiles equals the one written out, on the same geometries, in one
+    /// chunk and in many (later chunks add to what the first wrote), for channel counts below,
+    /// at and past a vector's 16 lanes.
+    #[test]
+    fn weight_gradient_equals_the_one_written_out() {
+        both_kernels(|kernels| {
+            // (C, C_out, padding, dilation, H, W)
+            let cases = [
+                (3, 4, 1, 1, 9, 9),
+                (5, 3, 0, 1, 8, 7),
+                (4, 6, 2, 2, 9, 11),
+                (2, 3, 4, 4, 9, 10),
+                (3, 2, 4, 4, 3, 5),
+                (17, 16, 2, 1, 6, 13),
+                (33, 19, 1, 1, 5, 4),
+            ];
+            for (i, &(c, c_out, padding, dilation, h, w)) in cases.iter().enumerate() {
+                let p = Patches { kernel: 3, stride: 1, padding, dilation, channels: c, h, w };
+                let (oh, ow) = p.out_hw();
+                let x = values(2 * c * h * w, i);
+                let g = values(2 * c_out * oh * ow, i + 30);
+                let want = direct_weight_gradient(p, &x, &g, c_out);
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for chunk in [7, 32, usize::MAX] {
+                    let got = weight_gradient_in_chunks(p, &x, &g, c_out, chunk);
+                    let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(diff <= 1e-5 * scale, "{kernels}: case {i} chunk {chunk}: off by {diff} (scale {scale})");
+                }
+            }
+        });
     }
 
     /// The 16 matrices packed at once equal each transformed matrix packed alone.
     #[test]
     fn kernel_packs_like_its_matrices() {
-        let (c_out, c) = (19, 300);
-        let weight = values(c_out * c * 9, 3);
-        for flipped in [false, true] {
-            let kernel = Kernel::new(&weight, c_out, c, flipped);
-            let (lines, depth) = if flipped { (c, c_out) } else { (c_out, c) };
-            let identity: Vec<f32> =
-                (0..depth * depth).map(|i| if i / depth == i % depth { 1.0 } else { 0.0 }).collect();
-            for e in [0, 5, 15] {
-                let (i, j) = (e / 4, e % 4);
-                let want: Vec<f32> = (0..lines * depth)
-                    .map(|k| {
-                        let (l, p) = (k / depth, k % depth);
-                        let (o, ci) = if flipped { (p, l) } else { (l, p) };
-                        let w = &weight[(o * c + ci) * 9..][..9];
-                        let g: [[f32; 3]; 3] = std::array::from_fn(|ky| {
-                            std::array::from_fn(|kx| if flipped { w[(2 - ky) * 3 + 2 - kx] } else { w[ky * 3 + kx] })
-                        });
-                        both_axes(g, kernel_1d)[i][j]
-                    })
-                    .collect();
-                // `U_e · I`: the packed matrix read back through a product.
-                let got = sgemm_new(
-                    lines,
-                    depth,
-                    depth,
-                    &kernel.u[e],
-                    &Mat::rows(&identity, depth),
-                    |d| Dest::rows_uninit(d, depth),
-                    None,
-                );
-                // The vector transform adds `g0 + g2` first: rounding apart, nothing else.
-                let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                assert!(diff <= 1e-6, "flipped {flipped} e {e}: off by {diff}");
+        both_kernels(|kernels| {
+            let (c_out, c) = (19, 300);
+            let weight = values(c_out * c * 9, 3);
+            for flipped in [false, true] {
+                let kernel = Kernel::new(&weight, c_out, c, flipped);
+                let (lines, depth) = if flipped { (c, c_out) } else { (c_out, c) };
+                let identity: Vec<f32> =
+                    (0..depth * depth).map(|i| if i / depth == i % depth { 1.0 } else { 0.0 }).collect();
+                for e in [0, 5, 15] {
+                    let (i, j) = (e / 4, e % 4);
+                    let want: Vec<f32> = (0..lines * depth)
+                        .map(|k| {
+                            let (l, p) = (k / depth, k % depth);
+                            let (o, ci) = if flipped { (p, l) } else { (l, p) };
+                            let w = &weight[(o * c + ci) * 9..][..9];
+                            let g: [[f32; 3]; 3] = std::array::from_fn(|ky| {
+                                std::array::from_fn(
+                                    |kx| if flipped { w[(2 - ky) * 3 + 2 - kx] } else { w[ky * 3 + kx] },
+                                )
+                            });
+                            both_axes(g, kernel_1d)[i][j]
+                        })
+                        .collect();
+                    // `U_e · I`: the packed matrix read back through a product.
+                    let got = sgemm_new(
+                        lines,
+                        depth,
+                        depth,
+                        &kernel.u[e],
+                        &Mat::rows(&identity, depth),
+                        |d| Dest::rows_uninit(d, depth),
+                        None,
+                    );
+                    // The vector transform adds `g0 + g2` first: rounding apart, nothing else.
+                    let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(diff <= 1e-6, "{kernels}: flipped {flipped} e {e}: off by {diff}");
+                }
             }
-        }
+        });
     }
 }
