@@ -395,9 +395,10 @@ pub fn sgemm_new(
     c
 }
 
-/// `C (+)= A · Bᵀ` (`add`: onto what `C`, row-major with row stride `ldc`, holds) on the
-/// calling thread alone, A as [`PackedRows`] when it is one: for callers that run many small
-/// products side by side (a split and a shared packing would cost more than they save).
+/// `C (+)= A · Bᵀ` (`add`: onto what `C`, row-major with row stride `ldc`, holds, which an
+/// earlier product must have written; else `C` may start unwritten) on the calling thread
+/// alone, A as [`PackedRows`] when it is one: for callers that run many small products side by
+/// side (a split and a shared packing would cost more than they save).
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm_serial(
     m: usize,
@@ -405,7 +406,7 @@ pub fn sgemm_serial(
     k: usize,
     a: &impl Lines,
     b: &impl Lines,
-    c: &mut [f32],
+    c: &mut [MaybeUninit<f32>],
     ldc: usize,
     add: bool,
 ) {
@@ -415,11 +416,11 @@ pub fn sgemm_serial(
     assert!((m - 1) * ldc + n <= c.len(), "sgemm_serial: C ({m}x{n}, ldc {ldc}) out of bounds");
     if k == 0 {
         if !add {
-            c.chunks_mut(ldc).take(m).for_each(|row| row[..n].fill(0.0));
+            c.chunks_mut(ldc).take(m).for_each(|row| row[..n].fill(MaybeUninit::new(0.0)));
         }
         return;
     }
-    let out = Out { ptr: c.as_mut_ptr(), ldc, block: usize::MAX, block_stride: 0 };
+    let out = Out { ptr: c.as_mut_ptr().cast(), ldc, block: usize::MAX, block_stride: 0 };
     let a_side = match a.packed_rows() {
         Some(p) => {
             assert!((p.lines, p.depth) == (m, k), "sgemm_serial: A packed as {}x{}, used as {m}x{k}", p.lines, p.depth);

@@ -25,6 +25,7 @@ use super::batch_norm::ChannelAffine;
 use super::im2col::Patches;
 use super::sgemm::{Mat, PackedRows, sgemm_serial};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Whether a convolution is one these tiles compute, and compute faster than `im2col`'s
 /// product: 3x3, stride 1, with at least 128² channel pairs. With fewer the transforms (a few
@@ -146,12 +147,12 @@ impl Tiling {
     }
 
     /// `V` of tiles `first..first + count` of `images` (`[B, C, H, W]`): `[16][C][count]`.
-    fn transform_input(&self, images: &[f32], first: usize, count: usize, v: &mut [f32]) {
+    fn transform_input(&self, images: &[f32], first: usize, count: usize, v: &mut [MaybeUninit<f32>]) {
         let (c_in, h, w) = (self.p.channels, self.p.h, self.p.w);
         let (d, pad) = (self.p.dilation, self.p.padding);
         let runs = self.runs(first, count);
         let width = self.padded(&self.xs, w);
-        let v = SharedOut(v.as_mut_ptr());
+        let v = SharedOut(v.as_mut_ptr().cast());
         (0..c_in).into_par_iter().for_each_init(
             || vec![0f32; 4 * width],
             |rows, c| {
@@ -334,17 +335,19 @@ fn convolve_in_chunks(p: Patches, x: &[f32], kernel: &Kernel, after: Option<&Cha
     let mut y = Vec::<f32>::with_capacity(images * c_out * oh * ow);
     let out = SharedOut(y.as_mut_ptr());
     let total = tiling.total();
-    let chunk = chunk.min(total);
-    let mut v = vec![0f32; E * c_in * chunk];
-    let mut m = vec![0f32; E * c_out * chunk];
+    let chunk = chunk.min(total).max(1);
+    let (mut v, mut m) = (unwritten(E * c_in * chunk), unwritten(E * c_out * chunk));
     for first in (0..total).step_by(chunk) {
         let count = chunk.min(total - first);
         let (v, m) = (&mut v[..E * c_in * count], &mut m[..E * c_out * count]);
         tiling.transform_input(x, first, count, v);
+        // SAFETY: the transform wrote every entry of the chunk's `V`.
+        let v = unsafe { written(v) };
         m.par_chunks_mut(c_out * count).zip(v.par_chunks(c_in * count)).enumerate().for_each(|(e, (m, v))| {
             sgemm_serial(c_out, count, c_in, &kernel.u[e], &Mat::columns(v, count), m, count, false);
         });
-        tiling.transform_output(m, c_out, first, count, &out, after);
+        // SAFETY: each product wrote its `c_out x count` entries of `M`, all of them.
+        tiling.transform_output(unsafe { written(m) }, c_out, first, count, &out, after);
     }
     // SAFETY: the tiles cover every output position, each written once above.
     unsafe { y.set_len(images * c_out * oh * ow) };
@@ -367,15 +370,20 @@ fn weight_gradient_in_chunks(p: Patches, x: &[f32], grad: &[f32], c_out: usize, 
     let images = x.len() / (c_in * p.h * p.w);
     let tiling = Tiling::new(p, images);
     let total = tiling.total();
+    if total == 0 {
+        return vec![0.0; c_out * c_in * 9];
+    }
     let chunk = chunk.min(total);
-    let mut v = vec![0f32; E * chunk * c_in];
-    let mut yhat = vec![0f32; E * chunk * c_out];
-    let mut du = vec![0f32; E * c_out * c_in];
+    let (mut v, mut yhat) = (unwritten(E * chunk * c_in), unwritten(E * chunk * c_out));
+    let mut du = unwritten(E * c_out * c_in);
     for (i, first) in (0..total).step_by(chunk).enumerate() {
         let count = chunk.min(total - first);
         let (v, yhat) = (&mut v[..E * count * c_in], &mut yhat[..E * count * c_out]);
         tiling.transform_by_channels(x, c_in, first, count, v, false);
         tiling.transform_by_channels(grad, c_out, first, count, yhat, true);
+        // SAFETY: the transforms wrote every entry of the chunk's `V` and `Ŷ`; the first chunk's
+        // products write all of `∂U`, later ones add to it.
+        let (v, yhat) = unsafe { (written(v), written(yhat)) };
         du.par_chunks_mut(c_out * c_in).zip(yhat.par_chunks(count * c_out).zip(v.par_chunks(count * c_in))).for_each(
             |(du, (yhat, v))| {
                 let (a, b) = (Mat::columns(yhat, c_out), Mat::columns(v, c_in));
@@ -383,15 +391,36 @@ fn weight_gradient_in_chunks(p: Patches, x: &[f32], grad: &[f32], c_out: usize, 
             },
         );
     }
+    // SAFETY: as above: the first chunk wrote all of `∂U`.
+    let du = unsafe { written(&du) };
     let plane = c_out * c_in;
-    let mut dw = vec![0f32; plane * 9];
+    let mut dw = unwritten(plane * 9);
     dw.par_chunks_mut(9).enumerate().for_each(|(k, dw)| {
         let du: [[f32; 4]; 4] = std::array::from_fn(|a| std::array::from_fn(|b| du[(a * 4 + b) * plane + k]));
         for (d, &value) in dw.iter_mut().zip(both_axes(du, kernel_adjoint_1d).iter().flatten()) {
-            *d = value;
+            d.write(value);
         }
     });
-    dw
+    // SAFETY: every entry written just now; `MaybeUninit<f32>` has `f32`'s layout.
+    unsafe { std::mem::transmute::<Vec<MaybeUninit<f32>>, Vec<f32>>(dw) }
+}
+
+/// Memory for `n` values that a pass writes in full before anything reads them (zeroing it
+/// first was 1–3% of a 128² training step).
+fn unwritten(n: usize) -> Vec<MaybeUninit<f32>> {
+    let mut values = Vec::with_capacity(n);
+    // SAFETY: `MaybeUninit` needs no initialisation.
+    unsafe { values.set_len(n) };
+    values
+}
+
+/// `values` as the floats a pass wrote.
+///
+/// # Safety
+/// Every entry must have been written.
+unsafe fn written(values: &[MaybeUninit<f32>]) -> &[f32] {
+    // SAFETY: the caller's; same layout.
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), values.len()) }
 }
 
 impl Tiling {
@@ -404,13 +433,13 @@ impl Tiling {
         channels: usize,
         first: usize,
         count: usize,
-        out: &mut [f32],
+        out: &mut [MaybeUninit<f32>],
         of_output: bool,
     ) {
         let (h, w) = if of_output { self.out } else { (self.p.h, self.p.w) };
         let d = self.p.dilation;
         let tx = self.xs.len();
-        let shared = SharedOut(out.as_mut_ptr());
+        let shared = SharedOut(out.as_mut_ptr().cast());
         (0..count).into_par_iter().with_min_len(8).for_each(|k| {
             let shared = &shared;
             let t = first + k;
