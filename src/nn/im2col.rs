@@ -9,6 +9,9 @@
 //! the flipped kernel), and a product plus col2im per image otherwise. The three ops are linear
 //! in each argument and each other's adjoints, so every derivative (the second ones of the
 //! WGAN-GP penalty included) is one of them again.
+//!
+//! 3x3 stride-1 convolutions with at least 128² channel pairs take [`winograd`]'s tiles instead,
+//! in all three ops (the same functions, fewer multiplications).
 
 use super::batch_norm::ChannelAffine;
 use super::cpu_f32;
