@@ -10,8 +10,8 @@
 //! in each argument and each other's adjoints, so every derivative (the second ones of the
 //! WGAN-GP penalty included) is one of them again.
 //!
-//! 3x3 stride-1 convolutions with at least 128² channel pairs take [`winograd`]'s tiles instead,
-//! in all three ops (the same functions, fewer multiplications).
+//! 3x3 stride-1 convolutions with at least 128² channel pairs (64² for the weight gradient) take
+//! [`winograd`]'s tiles instead, in all three ops (the same functions, fewer multiplications).
 
 use super::batch_norm::ChannelAffine;
 use super::cpu_f32;
@@ -552,7 +552,7 @@ impl CustomOp2 for GradWeight {
         // `∂W = g · cols(x)ᵀ` as one product over the whole batch: both operands run along the
         // depth B·Ho·Wo, `g` read in place, the patches packed across taps straight from the
         // images, and `∂W` written as it is stored.
-        if winograd::applies(p.kernel, p.stride, p.channels, c_out) {
+        if winograd::applies_to_weight_gradient(p.kernel, p.stride, p.channels, c_out) {
             let dw = winograd::weight_gradient(p, x, grad, c_out);
             return Ok((CpuStorage::F32(dw), Shape::from((c_out, p.channels, p.kernel, p.kernel))));
         }

@@ -37,6 +37,16 @@ pub fn applies(kernel: usize, stride: usize, c_in: usize, c_out: usize) -> bool 
     kernel == 3 && stride == 1 && c_in * c_out >= 128 * 128
 }
 
+/// [`applies`] for the weight gradient, which pays from 64² channel pairs: its transforms (the
+/// channels in the lanes) cost less, and `im2col`'s product for it packs patches, the costly
+/// operand. Eight pairs of 128² steps alternated with the threshold at 128²: paired median
+/// 0.972 (0.913–1.010); the 512² step with the critic 2.65–2.90 s against 2.90–2.91, peak
+/// 1777–1809 MB against 1844–1856. (The input gradient from 64² pairs: slower, 209.1–220.8 ms
+/// against 214.6–224.9.)
+pub fn applies_to_weight_gradient(kernel: usize, stride: usize, c_in: usize, c_out: usize) -> bool {
+    kernel == 3 && stride == 1 && c_in * c_out >= 64 * 64
+}
+
 /// Whether the AVX-512 kernels run: where the CPU has them, unless a test asks for the portable
 /// ones (which compute the same values, rounded alike but for the order of a few additions).
 #[cfg(target_arch = "x86_64")]
