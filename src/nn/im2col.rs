@@ -508,21 +508,23 @@ impl CustomOp2 for GradInput {
         let (b, c_out) = (l1.dims()[0], l2.dims()[0]);
         let (oh, ow) = p.out_hw();
         let (k, image_len) = (p.kernel, p.channels * p.h * p.w);
-        let dx = if let Some(flipped) =
-            self.as_convolution(c_out).filter(|q| winograd::applies(q.kernel, q.stride, q.channels, p.channels))
-        {
-            winograd::convolve(flipped, grad, &winograd::Kernel::new(weight, c_out, p.channels, true), None)
-        } else if let Some(flipped) = self.as_convolution(c_out) {
-            convolve(flipped, grad, &FlippedKernel { weight, channels: p.channels, taps: k * k }, p.channels, None)?
-        } else {
-            let mut dx = vec![0f32; b * image_len];
-            let mut cols = vec![0f32; p.rows() * oh * ow];
-            let w_t = Mat::columns(weight, p.rows());
-            for (g, image) in grad.chunks_exact(c_out * oh * ow).zip(dx.chunks_exact_mut(image_len)) {
-                sgemm(p.rows(), oh * ow, c_out, &w_t, &Mat::columns(g, oh * ow), Dest::rows(&mut cols, oh * ow));
-                p.col2im(&cols, image);
+        let dx = match self.as_convolution(c_out) {
+            Some(flipped) if winograd::applies(flipped.kernel, flipped.stride, c_out, p.channels) => {
+                winograd::convolve(flipped, grad, &winograd::Kernel::new(weight, c_out, p.channels, true), None)
             }
-            dx
+            Some(flipped) => {
+                convolve(flipped, grad, &FlippedKernel { weight, channels: p.channels, taps: k * k }, p.channels, None)?
+            }
+            None => {
+                let mut dx = vec![0f32; b * image_len];
+                let mut cols = vec![0f32; p.rows() * oh * ow];
+                let w_t = Mat::columns(weight, p.rows());
+                for (g, image) in grad.chunks_exact(c_out * oh * ow).zip(dx.chunks_exact_mut(image_len)) {
+                    sgemm(p.rows(), oh * ow, c_out, &w_t, &Mat::columns(g, oh * ow), Dest::rows(&mut cols, oh * ow));
+                    p.col2im(&cols, image);
+                }
+                dx
+            }
         };
         Ok((CpuStorage::F32(dx), Shape::from((b, p.channels, p.h, p.w))))
     }

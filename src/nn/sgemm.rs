@@ -70,8 +70,7 @@ impl PackedRows {
         (0..padded / MR).into_par_iter().for_each(|q| {
             let n = MR.min(lines - q * MR);
             for p in 0..depth {
-                let block = p / KC * KC;
-                let at = block * padded + q * MR * KC.min(depth - block) + (p - block) * MR;
+                let at = panel_offset(padded, depth, q * MR, p);
                 // SAFETY: panel `q`'s entries at depth `p` lie inside each buffer's capacity and
                 // belong to this task alone.
                 let mut runs: [&mut [f32]; N] =
@@ -112,6 +111,13 @@ impl std::fmt::Debug for PackedRows {
     }
 }
 
+/// Where A packed whole (`padded` lines in panels of `MR`, depth block by depth block, as
+/// [`pack_all`] lays it) keeps entry `(line, p)`.
+fn panel_offset(padded: usize, depth: usize, line: usize, p: usize) -> usize {
+    let block = p / KC * KC;
+    block * padded + line / MR * MR * KC.min(depth - block) + (p - block) * MR + line % MR
+}
+
 /// The packed copy is itself an operand: a product takes it as A as it is; packing it (as B, or
 /// a product's other uses) reads the entries back from the panels.
 impl Lines for PackedRows {
@@ -119,13 +125,7 @@ impl Lines for PackedRows {
         let (panels, padded) = (self.as_slice(), self.padded_lines());
         for (j, out) in dst[..lines.div_ceil(width) * width * kc].iter_mut().enumerate() {
             let (line, p) = (line0 + j / (width * kc) * width + j % width, depth0 + j / width % kc);
-            *out = if line < line0 + lines {
-                let block = p / KC * KC;
-                let block_kc = KC.min(self.depth - block);
-                panels[block * padded + line / MR * MR * block_kc + (p - block) * MR + line % MR]
-            } else {
-                0.0
-            };
+            *out = if line < line0 + lines { panels[panel_offset(padded, self.depth, line, p)] } else { 0.0 };
         }
     }
 

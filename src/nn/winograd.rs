@@ -456,17 +456,18 @@ impl Tiling {
             let (b, iy, ix) = (t / (tx * self.ys.len()), t / tx % self.ys.len(), t % tx);
             let (y0, x0) = (self.ys[iy], self.xs[ix]);
             let image = &maps[b * channels * h * w..][..channels * h * w];
-            // The tile's taps as offsets into a channel's map, `None` outside it.
-            let taps: Vec<Option<usize>> = if of_output {
-                let inside = |o: usize, a: usize, n: usize| Some(o + a * d).filter(|&i| i < n);
-                (0..4).map(|j| Some(inside(y0, j / 2, h)? * w + inside(x0, j % 2, w)?)).collect()
-            } else {
-                (0..16).map(|j| Some(self.input(y0, j / 4, h)? * w + self.input(x0, j % 4, w)?)).collect()
+            // The tile's taps as offsets into a channel's map, `None` outside it: 4 output
+            // gradient taps (2x2) or 16 input taps (4x4), row-major.
+            let side = if of_output { 2 } else { 4 };
+            let tap = |along: usize, o: usize, n: usize| {
+                if of_output { Some(o + along * d).filter(|&i| i < n) } else { self.input(o, along, n) }
             };
+            let taps: [Option<usize>; E] =
+                std::array::from_fn(|j| Some(tap(j / side, y0, h)? * w + tap(j % side, x0, w)?));
             // SAFETY: entries (e, k, all channels) of `[16][count][channels]`: this task's alone.
             unsafe {
                 let at = shared.0.add(k * channels);
-                by_channels(image, h * w, &taps, channels, at, count * channels);
+                by_channels(image, h * w, &taps[..side * side], channels, at, count * channels);
             }
         });
     }
@@ -685,59 +686,79 @@ mod tests {
         (0..n).map(|i| (((i * 7919 + salt * 104729) % 2003) as f32 / 1001.0) - 1.0).collect()
     }
 
+    /// Every multiply-add of the convolution written out, `x[b][c][oy + d·ky − p][ox + d·kx − p]`
+    /// times tap `(ky, kx)` of `w[o][c]` into `y[b][o][oy][ox]`: `f(x index, (o, c, tap) index,
+    /// y index)` for each whose input lies inside the image.
+    fn each_product(p: Patches, images: usize, c_out: usize, mut f: impl FnMut(usize, usize, usize)) {
+        let (oh, ow) = p.out_hw();
+        for (b, o, c) in (0..images).flat_map(|b| (0..c_out).flat_map(move |o| (0..p.channels).map(move |c| (b, o, c))))
+        {
+            for (oy, ox, ky, kx) in
+                (0..oh).flat_map(|oy| (0..ow).flat_map(move |ox| (0..9).map(move |t| (oy, ox, t / 3, t % 3))))
+            {
+                let iy = (oy + ky * p.dilation).checked_sub(p.padding).filter(|&i| i < p.h);
+                let ix = (ox + kx * p.dilation).checked_sub(p.padding).filter(|&i| i < p.w);
+                if let (Some(iy), Some(ix)) = (iy, ix) {
+                    let x = ((b * p.channels + c) * p.h + iy) * p.w + ix;
+                    f(x, ((o * p.channels + c) * 3 + ky) * 3 + kx, ((b * c_out + o) * oh + oy) * ow + ox);
+                }
+            }
+        }
+    }
+
     /// The convolution written out: `y[b][o][oy][ox] = Σ w[o][c][ky][kx] · x[b][c][oy + d·ky − p][ox + d·kx − p]`.
     fn direct(p: Patches, x: &[f32], w: &[f32], c_out: usize) -> Vec<f32> {
         let (oh, ow) = p.out_hw();
         let images = x.len() / (p.channels * p.h * p.w);
-        let mut y = vec![0f32; images * c_out * oh * ow];
-        for (i, out) in y.iter_mut().enumerate() {
-            let (b, o, oy, ox) = (i / (c_out * oh * ow), i / (oh * ow) % c_out, i / ow % oh, i % ow);
-            let mut sum = 0f64;
-            for c in 0..p.channels {
-                for ky in 0..3 {
-                    for kx in 0..3 {
-                        let (iy, ix) = (
-                            (oy + ky * p.dilation) as isize - p.padding as isize,
-                            (ox + kx * p.dilation) as isize - p.padding as isize,
-                        );
-                        if (0..p.h as isize).contains(&iy) && (0..p.w as isize).contains(&ix) {
-                            let xv = x[((b * p.channels + c) * p.h + iy as usize) * p.w + ix as usize];
-                            sum += (xv * w[((o * p.channels + c) * 3 + ky) * 3 + kx]) as f64;
-                        }
-                    }
-                }
-            }
-            *out = sum as f32;
-        }
-        y
+        let mut y = vec![0f64; images * c_out * oh * ow];
+        each_product(p, images, c_out, |xi, wi, yi| y[yi] += (x[xi] * w[wi]) as f64);
+        y.into_iter().map(|v| v as f32).collect()
     }
 
-    /// Every padding and dilation the networks use and more (no padding, more padding than
-    /// dilation, odd and even sides, sides shorter than the dilation's grids), one chunk and many
+    /// The weight gradient written out: `∂W[o][c][ky][kx] = Σ g[b][o][oy][ox] · x[b][c][oy + d·ky − p][ox + d·kx − p]`.
+    fn direct_weight_gradient(p: Patches, x: &[f32], g: &[f32], c_out: usize) -> Vec<f32> {
+        let images = x.len() / (p.channels * p.h * p.w);
+        let mut dw = vec![0f64; c_out * p.channels * 9];
+        each_product(p, images, c_out, |xi, wi, yi| dw[wi] += (x[xi] * g[yi]) as f64);
+        dw.into_iter().map(|v| v as f32).collect()
+    }
+
+    /// The largest difference between two results.
+    fn off_by(got: &[f32], want: &[f32]) -> f32 {
+        assert_eq!(got.len(), want.len(), "results of different sizes");
+        got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+    }
+
+    /// The largest magnitude of a result.
+    fn largest(values: &[f32]) -> f32 {
+        values.iter().fold(0f32, |m, v| m.max(v.abs()))
+    }
+
+    /// (C, C_out, padding, dilation, H, W): every padding and dilation the networks use and more
+    /// (no padding, more padding than dilation, odd and even sides, sides shorter than the
+    /// dilation's grids).
+    const GEOMETRIES: [(usize, usize, usize, usize, usize, usize); 5] =
+        [(3, 4, 1, 1, 9, 9), (5, 3, 0, 1, 8, 7), (4, 6, 2, 2, 9, 11), (2, 3, 4, 4, 9, 10), (3, 2, 4, 4, 3, 5)];
+
+    /// Every geometry of [`GEOMETRIES`] and more, one chunk and many
     /// (a chunk that ends inside a tile row and inside an image), against the convolution
     /// written out; the flipped kernel against flipping by hand; the channel map applied.
     #[test]
     fn equals_the_convolution_written_out() {
         both_kernels(|kernels| {
-            // (C, C_out, padding, dilation, H, W)
-            let cases = [
-                (3, 4, 1, 1, 9, 9),
-                (5, 3, 0, 1, 8, 7),
-                (4, 6, 2, 2, 9, 11),
-                (2, 3, 4, 4, 9, 10),
-                (3, 2, 4, 4, 3, 5),
-                (17, 19, 2, 1, 6, 13),
-            ];
-            for (i, &(c, c_out, padding, dilation, h, w)) in cases.iter().enumerate() {
+            // Several panels of lines and depth blocks of the products too.
+            for (i, &(c, c_out, padding, dilation, h, w)) in
+                GEOMETRIES.iter().chain(&[(17, 19, 2, 1, 6, 13)]).enumerate()
+            {
                 let p = Patches { kernel: 3, stride: 1, padding, dilation, channels: c, h, w };
                 let x = values(2 * c * h * w, i);
                 let weight = values(c_out * c * 9, i + 50);
                 let want = direct(p, &x, &weight, c_out);
-                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let scale = largest(&want);
                 let kernel = Kernel::new(&weight, c_out, c, false);
                 for chunk in [7, 32, usize::MAX] {
                     let got = convolve_in_chunks(p, &x, &kernel, None, chunk);
-                    let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    let diff = off_by(&got, &want);
                     assert!(diff <= 1e-5 * scale, "{kernels}: case {i} chunk {chunk}: off by {diff} (scale {scale})");
                 }
                 // The input gradient's kernel: channels swapped, taps reversed.
@@ -751,11 +772,8 @@ mod tests {
                 let g = values(2 * c_out * h * w, i + 7);
                 let want = direct(q, &g, &flipped, c);
                 let got = convolve(q, &g, &Kernel::new(&weight, c_out, c, true), None);
-                let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                assert!(
-                    diff <= 1e-5 * want.iter().fold(0f32, |m, v| m.max(v.abs())),
-                    "{kernels}: case {i} flipped: off by {diff}"
-                );
+                let diff = off_by(&got, &want);
+                assert!(diff <= 1e-5 * largest(&want), "{kernels}: case {i} flipped: off by {diff}");
             }
             let p = Patches { kernel: 3, stride: 1, padding: 1, dilation: 1, channels: 3, h: 7, w: 6 };
             let (x, weight) = (values(2 * 3 * 42, 1), values(4 * 3 * 9, 2));
@@ -763,36 +781,9 @@ mod tests {
             let mut want = direct(p, &x, &weight, 4);
             want.chunks_mut(42).enumerate().for_each(|(i, map)| after.apply(i % 4, map));
             let got = convolve(p, &x, &Kernel::new(&weight, 4, 3, false), Some(&after));
-            let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            let diff = off_by(&got, &want);
             assert!(diff <= 1e-5, "{kernels}: with the channel map: off by {diff}");
         });
-    }
-
-    /// The weight gradient written out: `∂W[o][c][ky][kx] = Σ g[b][o][oy][ox] · x[b][c][oy + d·ky − p][ox + d·kx − p]`.
-    fn direct_weight_gradient(p: Patches, x: &[f32], g: &[f32], c_out: usize) -> Vec<f32> {
-        let (oh, ow) = p.out_hw();
-        let images = x.len() / (p.channels * p.h * p.w);
-        let mut dw = vec![0f32; c_out * p.channels * 9];
-        for (i, out) in dw.iter_mut().enumerate() {
-            let (o, c, ky, kx) = (i / (p.channels * 9), i / 9 % p.channels, i / 3 % 3, i % 3);
-            let mut sum = 0f64;
-            for b in 0..images {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        let (iy, ix) = (
-                            (oy + ky * p.dilation) as isize - p.padding as isize,
-                            (ox + kx * p.dilation) as isize - p.padding as isize,
-                        );
-                        if (0..p.h as isize).contains(&iy) && (0..p.w as isize).contains(&ix) {
-                            let xv = x[((b * p.channels + c) * p.h + iy as usize) * p.w + ix as usize];
-                            sum += (xv * g[((b * c_out + o) * oh + oy) * ow + ox]) as f64;
-                        }
-                    }
-                }
-            }
-            *out = sum as f32;
-        }
-        dw
     }
 
     /// The weight gradient in tiles equals the one written out, on the same geometries, in one
@@ -801,26 +792,18 @@ mod tests {
     #[test]
     fn weight_gradient_equals_the_one_written_out() {
         both_kernels(|kernels| {
-            // (C, C_out, padding, dilation, H, W)
-            let cases = [
-                (3, 4, 1, 1, 9, 9),
-                (5, 3, 0, 1, 8, 7),
-                (4, 6, 2, 2, 9, 11),
-                (2, 3, 4, 4, 9, 10),
-                (3, 2, 4, 4, 3, 5),
-                (17, 16, 2, 1, 6, 13),
-                (33, 19, 1, 1, 5, 4),
-            ];
-            for (i, &(c, c_out, padding, dilation, h, w)) in cases.iter().enumerate() {
+            // Channels at and past a vector's 16 lanes too.
+            let more = [(17, 16, 2, 1, 6, 13), (33, 19, 1, 1, 5, 4)];
+            for (i, &(c, c_out, padding, dilation, h, w)) in GEOMETRIES.iter().chain(&more).enumerate() {
                 let p = Patches { kernel: 3, stride: 1, padding, dilation, channels: c, h, w };
                 let (oh, ow) = p.out_hw();
                 let x = values(2 * c * h * w, i);
                 let g = values(2 * c_out * oh * ow, i + 30);
                 let want = direct_weight_gradient(p, &x, &g, c_out);
-                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let scale = largest(&want);
                 for chunk in [7, 32, usize::MAX] {
                     let got = weight_gradient_in_chunks(p, &x, &g, c_out, chunk);
-                    let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    let diff = off_by(&got, &want);
                     assert!(diff <= 1e-5 * scale, "{kernels}: case {i} chunk {chunk}: off by {diff} (scale {scale})");
                 }
             }
@@ -864,7 +847,7 @@ mod tests {
                         None,
                     );
                     // The vector transform adds `g0 + g2` first: rounding apart, nothing else.
-                    let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    let diff = off_by(&got, &want);
                     assert!(diff <= 1e-6, "{kernels}: flipped {flipped} e {e}: off by {diff}");
                 }
             }
