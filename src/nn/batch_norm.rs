@@ -11,6 +11,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, ModuleT, Result, Shape, Tensor, Var};
 use candle_nn::{BatchNormConfig, VarBuilder};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
 /// What follows the normalisation.
@@ -323,6 +324,112 @@ impl CustomOp3 for Normalize {
     }
 }
 
+/// One channel of [`NormalizeGrad`]: its statistics, the activation's slope below zero and
+/// `γ · invstd`.
+struct ChannelGrad {
+    mean: f32,
+    invstd: f32,
+    below: f32,
+    scale: f32,
+}
+
+impl ChannelGrad {
+    /// [`NormalizeGrad`]'s two passes over one channel's planes (`maps`: its `x`, `y` and `∂y`
+    /// planes), writing `∂x` to `out`; `batch` is the count of values per channel when the
+    /// batch statistics depend on `x` (training mode). Returns `(Σ g, Σ g · x̂)`.
+    fn run(&self, maps: &[Vec<&[f32]>; 3], out: &mut [&mut [MaybeUninit<f32>]], batch: Option<f32>) -> (f32, f32) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512 is present.
+            return unsafe { self.avx512(maps, out, batch) };
+        }
+        self.portable(maps, out, batch)
+    }
+
+    fn portable(
+        &self,
+        [xs, ys, gs]: &[Vec<&[f32]>; 3],
+        out: &mut [&mut [MaybeUninit<f32>]],
+        batch: Option<f32>,
+    ) -> (f32, f32) {
+        let Self { mean, invstd, below, scale } = *self;
+        // The gradient before the activation: one select per value, which vectorises.
+        let before = |g: f32, y: f32| if y > 0.0 { g } else { g * below };
+        let (mut g_sum, mut gx_sum) = (0f64, 0f64);
+        for ((x, y), g) in xs.iter().zip(ys).zip(gs) {
+            let [g, gx] = lane_sums(x.len(), |j| {
+                let g = before(g[j], y[j]);
+                [g, g * (x[j] - mean) * invstd]
+            });
+            (g_sum, gx_sum) = (g_sum + g, gx_sum + gx);
+        }
+        let (g_sum, gx_sum) = (g_sum as f32, gx_sum as f32);
+        let (g_mean, gx_mean) = batch.map_or((0.0, 0.0), |n| (g_sum / n, gx_sum / n));
+        for (dst, ((x, y), g)) in out.iter_mut().zip(xs.iter().zip(ys).zip(gs)) {
+            for (((d, &x), &y), &g) in dst.iter_mut().zip(*x).zip(*y).zip(*g) {
+                d.write(scale * (before(g, y) - g_mean - (x - mean) * invstd * gx_mean));
+            }
+        }
+        (g_sum, gx_sum)
+    }
+
+    /// [`ChannelGrad::portable`] on AVX-512, 16 values a step, the tail masked (a 128² training
+    /// step's 29 normalisations: 6.2 ms of backward became 4.1). The sums run in f32 lanes over
+    /// blocks of [`BLOCK`] values, the blocks' totals in f64, as [`lane_sums`] does.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512(
+        &self,
+        [xs, ys, gs]: &[Vec<&[f32]>; 3],
+        out: &mut [&mut [MaybeUninit<f32>]],
+        batch: Option<f32>,
+    ) -> (f32, f32) {
+        use std::arch::x86_64::*;
+        let (mean, below) = (_mm512_set1_ps(self.mean), _mm512_set1_ps(self.below));
+        let zero = _mm512_setzero_ps();
+        // The values of 16 lanes from `at` (fewer at a plane's end): x − μ and g, the gradient
+        // before the activation (∂y where y > 0, else the slope below zero times it).
+        let load = |plane: usize, at: usize| {
+            let n = (xs[plane].len() - at).min(16);
+            let mask = if n == 16 { 0xffff } else { (1u16 << n) - 1 };
+            // SAFETY: lanes below `n` lie inside the planes (all of one length); the rest are off.
+            unsafe {
+                let [x, y, g] = [xs, ys, gs].map(|m| _mm512_maskz_loadu_ps(mask, m[plane].as_ptr().add(at)));
+                let g = _mm512_mask_mul_ps(g, _mm512_cmp_ps_mask::<_CMP_LE_OQ>(y, zero), g, below);
+                (mask, _mm512_sub_ps(x, mean), g)
+            }
+        };
+        let (mut g_sum, mut gx_sum) = (0f64, 0f64);
+        for (plane, x) in xs.iter().enumerate() {
+            for block in (0..x.len()).step_by(BLOCK) {
+                let (mut g_lanes, mut gx_lanes) = (zero, zero);
+                for at in (block..x.len().min(block + BLOCK)).step_by(16) {
+                    let (mask, centred, g) = load(plane, at);
+                    g_lanes = _mm512_add_ps(g_lanes, g);
+                    gx_lanes = _mm512_mask3_fmadd_ps(g, centred, gx_lanes, mask);
+                }
+                g_sum += _mm512_reduce_add_ps(g_lanes) as f64;
+                gx_sum += _mm512_reduce_add_ps(gx_lanes) as f64;
+            }
+        }
+        let (g_sum, gx_sum) = (g_sum as f32, gx_sum as f32 * self.invstd);
+        let (g_mean, gx_mean) = batch.map_or((0.0, 0.0), |n| (g_sum / n, gx_sum / n));
+        // ∂x = scale · (g − mean(g) − x̂ · mean(g · x̂)) = scale · g + slope · (x − μ) + shift.
+        let scale = _mm512_set1_ps(self.scale);
+        let slope = _mm512_set1_ps(-self.scale * self.invstd * gx_mean);
+        let shift = _mm512_set1_ps(-self.scale * g_mean);
+        for (plane, dst) in out.iter_mut().enumerate() {
+            for at in (0..dst.len()).step_by(16) {
+                let (mask, centred, g) = load(plane, at);
+                let d = _mm512_fmadd_ps(scale, g, _mm512_fmadd_ps(slope, centred, shift));
+                // SAFETY: the lanes written lie inside the plane (the mask).
+                unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr().add(at).cast(), mask, d) };
+            }
+        }
+        (g_sum, gx_sum)
+    }
+}
+
 /// Per channel: `Σ g` (the shift's gradient) and `Σ g · x̂` (the scale's), `g` the gradient
 /// before the activation.
 #[derive(Debug, Default)]
@@ -357,9 +464,8 @@ impl CustomOp3 for NormalizeGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let ([x, y, grad], [b, c, plane]) = inputs([(s1, l1), (s2, l2), (s3, l3)])?;
         let ChannelStats { mean, invstd, .. } = &self.stats;
-        let n = (b * plane) as f32;
-        // Indexed by whether the output is positive: no branch on the (unpredictable) sign.
-        let slopes = [self.act.derivative_below_zero(), 1.0];
+        let batch = self.batch_stats.then_some((b * plane) as f32);
+        let below = self.act.derivative_below_zero();
         let mut dx = Vec::with_capacity(x.len());
         // A channel's sums and its input gradient in one task, its planes still in cache for the
         // second pass (before, each pass went over the whole map: the planes were out of L2 by
@@ -367,28 +473,11 @@ impl CustomOp3 for NormalizeGrad {
         let sums: Vec<(f32, f32)> = channel_planes(&mut dx.spare_capacity_mut()[..x.len()], c, plane)
             .into_par_iter()
             .enumerate()
-            .map(|(ch, out)| {
-                let (mean, invstd) = (mean[ch], invstd[ch]);
-                let triples = || planes(x, c, plane, ch).zip(planes(y, c, plane, ch)).zip(planes(grad, c, plane, ch));
-                let (mut g_sum, mut gx_sum) = (0f64, 0f64);
-                for ((xs, ys), gs) in triples() {
-                    let [g, gx] = lane_sums(plane, |j| {
-                        let g = gs[j] * slopes[(ys[j] > 0.0) as usize];
-                        [g, g * (xs[j] - mean) * invstd]
-                    });
-                    (g_sum, gx_sum) = (g_sum + g, gx_sum + gx);
-                }
-                let (g_sum, gx_sum) = (g_sum as f32, gx_sum as f32);
-                let scale = self.weight[ch] * invstd;
-                // Training mode: the batch mean and variance depend on x too.
-                let (g_mean, gx_mean) = if self.batch_stats { (g_sum / n, gx_sum / n) } else { (0.0, 0.0) };
-                for (dst, ((xs, ys), gs)) in out.into_iter().zip(triples()) {
-                    for (((d, &xv), &yv), &gv) in dst.iter_mut().zip(xs).zip(ys).zip(gs) {
-                        let g = gv * slopes[(yv > 0.0) as usize];
-                        d.write(scale * (g - g_mean - (xv - mean) * invstd * gx_mean));
-                    }
-                }
-                (g_sum, gx_sum)
+            .map(|(ch, mut out)| {
+                let maps = [x, y, grad].map(|m| planes(m, c, plane, ch).collect::<Vec<_>>());
+                let channel =
+                    ChannelGrad { mean: mean[ch], invstd: invstd[ch], below, scale: self.weight[ch] * invstd[ch] };
+                channel.run(&maps, &mut out, batch)
             })
             .collect();
         // SAFETY: every plane of `dx` was written above (`channel_planes` covers them all).
@@ -457,5 +546,46 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    fn as_planes(out: &mut [Vec<MaybeUninit<f32>>]) -> Vec<&mut [MaybeUninit<f32>]> {
+        out.iter_mut().map(Vec::as_mut_slice).collect()
+    }
+
+    /// The AVX-512 channel gradient equals the portable one (which the test above checks
+    /// against Candle's where the CPU lacks AVX-512), on planes shorter than, as long as and
+    /// past a vector and a block, in both modes and for every activation's slope.
+    #[test]
+    fn channel_gradient_on_avx512_equals_the_portable_one() {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            let value = |i: usize, salt: usize| (((i * 7919 + salt * 104729) % 2003) as f32 / 1001.0) - 1.0;
+            for (k, len) in [5, 16, 289, 300, 1000].into_iter().enumerate() {
+                let maps: [Vec<Vec<f32>>; 3] = std::array::from_fn(|m| {
+                    (0..2).map(|b| (0..len).map(|i| value(i, 3 * k + m + b)).collect()).collect()
+                });
+                let maps = maps.each_ref().map(|planes| planes.iter().map(Vec::as_slice).collect::<Vec<_>>());
+                for below in [1.0, 0.0, 0.01] {
+                    for batch in [Some(2.0 * len as f32), None] {
+                        let channel = ChannelGrad { mean: 0.1, invstd: 1.7, below, scale: -0.8 };
+                        let mut outs = [(); 2].map(|_| vec![vec![MaybeUninit::new(0f32); len]; 2]);
+                        let [portable, native] = &mut outs;
+                        let want = channel.portable(&maps, &mut as_planes(portable), batch);
+                        // SAFETY: AVX-512 is present.
+                        let got = unsafe { channel.avx512(&maps, &mut as_planes(native), batch) };
+                        let case = format!("length {len}, slope {below}, batch {batch:?}");
+                        assert!(
+                            (got.0 - want.0).abs() <= 1e-4 && (got.1 - want.1).abs() <= 1e-4,
+                            "{case}: {got:?} vs {want:?}"
+                        );
+                        for (a, b) in native.iter().flatten().zip(portable.iter().flatten()) {
+                            // SAFETY: both passes wrote every value.
+                            let (a, b) = unsafe { (a.assume_init(), b.assume_init()) };
+                            assert!((a - b).abs() <= 1e-5, "{case}: ∂x {a} vs {b}");
+                        }
+                    }
+                }
+            }
+        }
     }
 }
