@@ -20,7 +20,7 @@ use super::sgemm::{Dest, Lines, Mat, PackedRows, RowFinish, pack_strided, sgemm,
 use super::winograd;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Geometry of a square-kernel convolution's patches, for a `[B, C, H, W]` input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -350,7 +350,8 @@ fn conv2d_with(
         candle_core::bail!("conv2d: input {:?} and weight {:?} do not fit", x.dims(), weight.dims());
     }
     let p = Patches { kernel: k, stride, padding, dilation, channels: c, h, w };
-    apply(x, weight, Conv(p, packed, after))
+    let kept = (x.track_op() && packed.is_none()).then(OnceLock::new);
+    apply(x, weight, Conv { p, packed, after, kept })
 }
 
 /// A frozen weight prepared once for its CPU forwards: packed as the product's A, or (3x3,
@@ -369,7 +370,7 @@ pub fn pack_weight(weight: &Tensor, stride: usize) -> Result<PreparedWeight> {
     let candle_core::Storage::Cpu(storage) = &*storage else { candle_core::bail!("pack_weight: CPU tensors only") };
     let data = cpu_f32(storage, layout, "pack_weight")?;
     Ok(if winograd::applies(k, stride, c, c_out) {
-        PreparedWeight::Winograd(winograd::Kernel::new(data, c_out, c, false))
+        PreparedWeight::Winograd(winograd::Kernel::new(data, c_out, c))
     } else {
         PreparedWeight::Packed(PackedRows::new(&Mat::rows(data, c * k * k), c_out, c * k * k))
     })
@@ -406,12 +407,21 @@ pub fn conv2d_prepacked_then(
 
 /// `(x, W) -> y`: the convolution, with W's packed copy when it has one, and a map per output
 /// channel after it when it has one (then without a backward).
-#[derive(Debug, Clone)]
-struct Conv(Patches, Option<Arc<PreparedWeight>>, Option<Arc<ChannelAffine>>);
+#[derive(Debug)]
+struct Conv {
+    p: Patches,
+    packed: Option<Arc<PreparedWeight>>,
+    after: Option<Arc<ChannelAffine>>,
+    /// Where `x` needs a gradient, the kernel's Winograd transform, kept from the forward for
+    /// the input gradient's products (which read it flipped): one transform of a trainable
+    /// kernel per step instead of two, and the second was a write of a copy as large.
+    kept: Option<OnceLock<Arc<winograd::Kernel>>>,
+}
 
-/// `(g, W) -> ∂x`: the input gradient for output gradient `g` (a transposed convolution).
-#[derive(Debug, Clone, Copy)]
-struct GradInput(Patches);
+/// `(g, W) -> ∂x`: the input gradient for output gradient `g` (a transposed convolution), with
+/// the kernel's Winograd transform when the forward kept it.
+#[derive(Debug, Clone)]
+struct GradInput(Patches, Option<Arc<winograd::Kernel>>);
 
 /// `(x, g) -> ∂W`: the weight gradient for input `x` and output gradient `g`.
 #[derive(Debug, Clone, Copy)]
@@ -455,17 +465,23 @@ impl CustomOp2 for Conv {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let p = self.0;
+        let p = self.p;
         let (x, weight) = (cpu_f32(s1, l1, "conv2d")?, cpu_f32(s2, l2, "conv2d")?);
         let (b, c_out) = (l1.dims()[0], l2.dims()[0]);
         let (oh, ow) = p.out_hw();
         let weight = Mat::rows(weight, p.rows());
-        let after = self.2.as_deref();
-        let y = match self.1.as_deref() {
+        let after = self.after.as_deref();
+        let y = match self.packed.as_deref() {
             Some(PreparedWeight::Winograd(kernel)) => winograd::convolve(p, x, kernel, after),
             Some(PreparedWeight::Packed(packed)) => convolve(p, x, packed, c_out, after)?,
             None if winograd::applies(p.kernel, p.stride, p.channels, c_out) => {
-                winograd::convolve(p, x, &winograd::Kernel::new(weight.data, c_out, p.channels, false), after)
+                let kernel = Arc::new(winograd::Kernel::new(weight.data, c_out, p.channels));
+                let y = winograd::convolve(p, x, &kernel, after);
+                if let Some(kept) = &self.kept {
+                    // Set by the op's one forward (a second would transform the same kernel).
+                    let _ = kept.set(kernel);
+                }
+                y
             }
             None => convolve(p, x, &weight, c_out, after)?,
         };
@@ -479,10 +495,11 @@ impl CustomOp2 for Conv {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        if self.2.is_some() {
+        if self.after.is_some() {
             candle_core::bail!("conv2d with a channel map after it has no backward (frozen networks only)")
         }
-        both_needed((x, (grad, weight), GradInput(self.0)), (weight, (x, grad), GradWeight(self.0)))
+        let kernel = self.kept.as_ref().and_then(|kept| kept.get().cloned());
+        both_needed((x, (grad, weight), GradInput(self.p, kernel)), (weight, (x, grad), GradWeight(self.p)))
     }
 }
 
@@ -509,9 +526,10 @@ impl CustomOp2 for GradInput {
         let (oh, ow) = p.out_hw();
         let (k, image_len) = (p.kernel, p.channels * p.h * p.w);
         let dx = match self.as_convolution(c_out) {
-            Some(flipped) if winograd::applies(flipped.kernel, flipped.stride, c_out, p.channels) => {
-                winograd::convolve(flipped, grad, &winograd::Kernel::new(weight, c_out, p.channels, true), None)
-            }
+            Some(flipped) if winograd::applies(flipped.kernel, flipped.stride, c_out, p.channels) => match &self.1 {
+                Some(kernel) => winograd::convolve_flipped(flipped, grad, kernel),
+                None => winograd::convolve_flipped(flipped, grad, &winograd::Kernel::new(weight, c_out, p.channels)),
+            },
             Some(flipped) => {
                 convolve(flipped, grad, &FlippedKernel { weight, channels: p.channels, taps: k * k }, p.channels, None)?
             }
@@ -537,7 +555,8 @@ impl CustomOp2 for GradInput {
         _res: &Tensor,
         r: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        both_needed((grad, (r, weight), Conv(self.0, None, None)), (weight, (r, grad), GradWeight(self.0)))
+        let conv = Conv { p: self.0, packed: None, after: None, kept: None };
+        both_needed((grad, (r, weight), conv), (weight, (r, grad), GradWeight(self.0)))
     }
 }
 
@@ -567,7 +586,8 @@ impl CustomOp2 for GradWeight {
 
     /// `⟨g·cols(x)ᵀ, R⟩`: `∂x = col2im(Rᵀ·g)`, `∂g = conv(x, R)`.
     fn bwd(&self, x: &Tensor, grad: &Tensor, _res: &Tensor, r: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        both_needed((x, (grad, r), GradInput(self.0)), (grad, (x, r), Conv(self.0, None, None)))
+        let conv = Conv { p: self.0, packed: None, after: None, kept: None };
+        both_needed((x, (grad, r), GradInput(self.0, None)), (grad, (x, r), conv))
     }
 }
 

@@ -134,6 +134,116 @@ impl Lines for PackedRows {
     }
 }
 
+/// A packed `m x k` operand read as its transpose, `k x m`: entry `(l, p)` is the packed one's
+/// `(p, l)`. The input gradient's transformed kernel is the forward's, transposed
+/// (`winograd::convolve_flipped`): packing it from the forward's panels reads what is already
+/// in memory, where transforming the kernel again read the kernel and wrote a copy as large.
+pub struct Transposed<'a>(pub &'a PackedRows);
+
+impl Lines for Transposed<'_> {
+    fn pack(&self, line0: usize, lines: usize, depth0: usize, kc: usize, width: usize, dst: &mut [f32]) {
+        let inner = self.0;
+        assert!(
+            line0 + lines <= inner.depth && depth0 + kc <= inner.lines,
+            "Transposed: lines {line0}+{lines} at depth {depth0}+{kc} of a {}x{} operand",
+            inner.depth,
+            inner.lines
+        );
+        let dst = &mut dst[..lines.div_ceil(width) * width * kc];
+        #[cfg(target_arch = "x86_64")]
+        if width <= 16 && std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512 is present; the entries read lie inside the panels (asserted bounds).
+            return unsafe { transposed_avx512(inner, line0, lines, depth0, width, dst) };
+        }
+        transposed_portable(inner, line0, lines, depth0, width, dst)
+    }
+}
+
+/// [`Transposed`]'s pack, entry by entry.
+fn transposed_portable(inner: &PackedRows, line0: usize, lines: usize, depth0: usize, width: usize, dst: &mut [f32]) {
+    let (panels, padded) = (inner.as_slice(), inner.padded_lines());
+    let kc = dst.len() / (lines.div_ceil(width) * width);
+    for (j, out) in dst.iter_mut().enumerate() {
+        let (line, p) = (line0 + j / (width * kc) * width + j % width, depth0 + j / width % kc);
+        *out = if line < line0 + lines { panels[panel_offset(padded, inner.depth, p, line)] } else { 0.0 };
+    }
+}
+
+/// [`Transposed`]'s pack on AVX-512 for panels of at most 16 lines, block by block: the
+/// packed operand keeps, for each of its depths (here a line), its panel's `MR` lines (here
+/// depths) side by side, so a block of a panel's lines by one of its panels is `MR` loads,
+/// transposed in registers (16x16, four rounds of shuffles), then stored a depth step a row.
+/// Gathering the lines one depth step at a time took twice the kernel's transform.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transposed_avx512(
+    inner: &PackedRows,
+    line0: usize,
+    lines: usize,
+    depth0: usize,
+    width: usize,
+    dst: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (panels, padded) = (inner.as_slice(), inner.padded_lines());
+    let kc = dst.len() / (lines.div_ceil(width) * width);
+    let store = if width >= 16 { 0xffff } else { (1u16 << width) - 1 };
+    for (q, panel) in dst.chunks_exact_mut(width * kc).enumerate() {
+        let n = (lines - q * width).min(width);
+        // The packed operand's lines `depth0..depth0 + kc`, panel by panel.
+        for first in (depth0 / MR * MR..depth0 + kc).step_by(MR) {
+            // Row `i`: this panel's line `i` (the packed operand's depth), across its panel's lines.
+            let rows: [__m512; 16] = std::array::from_fn(|i| {
+                if i >= n {
+                    return _mm512_setzero_ps();
+                }
+                let at = panel_offset(padded, inner.depth, first, line0 + q * width + i);
+                // SAFETY: a panel row of `MR` entries inside the panels.
+                unsafe { _mm512_maskz_loadu_ps((1 << MR) - 1, panels.as_ptr().add(at)) }
+            });
+            let columns = transpose16(rows);
+            for (j, column) in columns.iter().enumerate().take(MR) {
+                let line = first + j;
+                if (depth0..depth0 + kc).contains(&line) {
+                    // SAFETY: depth step `line − depth0` of the panel: `width` floats inside it.
+                    unsafe { _mm512_mask_storeu_ps(panel.as_mut_ptr().add((line - depth0) * width), store, *column) };
+                }
+            }
+        }
+    }
+}
+
+/// The transpose of 16 rows of 16 lanes: column `j` of the result holds lane `j` of every row.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose16(a: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
+    use std::arch::x86_64::*;
+    // Pairs of rows interleaved within 128-bit lanes, then pairs of pairs: `u[4g + j]` holds
+    // columns j, j + 4, j + 8, j + 12 of rows 4g..4g + 4, one 128-bit lane each.
+    let t: [__m512; 16] = std::array::from_fn(|i| {
+        let (x, y) = (a[i / 2 * 2], a[i / 2 * 2 + 1]);
+        if i % 2 == 0 { _mm512_unpacklo_ps(x, y) } else { _mm512_unpackhi_ps(x, y) }
+    });
+    let u: [__m512; 16] = std::array::from_fn(|i| {
+        let (g, j) = (i / 4, i % 4);
+        let (x, y) = (_mm512_castps_pd(t[4 * g + j / 2]), _mm512_castps_pd(t[4 * g + j / 2 + 2]));
+        _mm512_castpd_ps(if j % 2 == 0 { _mm512_unpacklo_pd(x, y) } else { _mm512_unpackhi_pd(x, y) })
+    });
+    // Then the 128-bit lanes of the four row groups gathered: two rounds of lane shuffles.
+    let mut out = [_mm512_setzero_ps(); 16];
+    for j in 0..4 {
+        let v0 = _mm512_shuffle_f32x4::<0x88>(u[j], u[4 + j]);
+        let v1 = _mm512_shuffle_f32x4::<0xdd>(u[j], u[4 + j]);
+        let v2 = _mm512_shuffle_f32x4::<0x88>(u[8 + j], u[12 + j]);
+        let v3 = _mm512_shuffle_f32x4::<0xdd>(u[8 + j], u[12 + j]);
+        out[j] = _mm512_shuffle_f32x4::<0x88>(v0, v2);
+        out[j + 8] = _mm512_shuffle_f32x4::<0xdd>(v0, v2);
+        out[j + 4] = _mm512_shuffle_f32x4::<0x88>(v1, v3);
+        out[j + 12] = _mm512_shuffle_f32x4::<0xdd>(v1, v3);
+    }
+    out
+}
+
 /// A strided matrix of lines: entry `(l, p)` is `data[l · ls + p · ps]`.
 #[derive(Debug, Clone, Copy)]
 pub struct Mat<'a> {
@@ -858,6 +968,38 @@ mod tests {
 
     fn values(n: usize, salt: usize) -> Vec<f32> {
         (0..n).map(|i| (((i * 7919 + salt * 104729) % 2003) as f32 / 1001.0) - 1.0).collect()
+    }
+
+    /// A packed operand read transposed, in blocks that start and end inside its panels and
+    /// depth blocks, by each pack this CPU runs: the entries of the matrix transposed, zero
+    /// past the last line.
+    #[test]
+    fn transposed_packs_the_transpose() {
+        let (m, k) = (31, 300);
+        let data = values(m * k, 5);
+        let packed = PackedRows::new(&Mat::rows(&data, k), m, k);
+        type Pack = fn(&PackedRows, usize, usize, usize, usize, &mut [f32]);
+        let mut packs: Vec<(&str, Pack)> = vec![("portable", transposed_portable)];
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512 is present; the test's blocks lie inside the operand.
+            packs.push(("avx512", |inner, line0, lines, depth0, width, dst| unsafe {
+                transposed_avx512(inner, line0, lines, depth0, width, dst)
+            }));
+        }
+        for (name, pack) in packs {
+            for (line0, lines, depth0, kc) in
+                [(0usize, 300usize, 0usize, 31usize), (250, 20, 3, 25), (5, 9, 13, 1), (17, 283, 1, 30)]
+            {
+                let mut dst = vec![f32::NAN; lines.div_ceil(MR) * MR * kc];
+                pack(&packed, line0, lines, depth0, MR, &mut dst);
+                for (j, &got) in dst.iter().enumerate() {
+                    let (l, p) = (j / (MR * kc) * MR + j % MR, j / MR % kc);
+                    let want = if l < lines { data[(depth0 + p) * k + line0 + l] } else { 0.0 };
+                    assert_eq!(got, want, "{name}: block {line0}+{lines} at {depth0}+{kc}, line {l} depth {p}");
+                }
+            }
+        }
     }
 
     /// Every micro-kernel this CPU runs against a naive product, on shapes with partial tiles,

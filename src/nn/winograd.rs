@@ -23,7 +23,7 @@
 
 use super::batch_norm::ChannelAffine;
 use super::im2col::Patches;
-use super::sgemm::{Mat, PackedRows, sgemm_serial};
+use super::sgemm::{Mat, PackedRows, Transposed, sgemm_serial};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -250,52 +250,51 @@ pub struct Kernel {
 }
 
 impl Kernel {
-    /// `U_e[o][c] = (G w[o][c] Gᵀ)_e`; with `flipped`, of the kernel flipped in both spatial axes
-    /// with its channel axes swapped (the input gradient's convolution, `C` outputs from `C_out`
-    /// inputs).
-    pub fn new(weight: &[f32], c_out: usize, c_in: usize, flipped: bool) -> Self {
-        let (lines, depth) = if flipped { (c_in, c_out) } else { (c_out, c_in) };
-        // Tap `t` of line `l` at depth `p` is `weight[l · line_stride + p · depth_stride + taps[t]]`.
-        let (line_stride, depth_stride) = if flipped { (9, c_in * 9) } else { (c_in * 9, 9) };
-        let taps: [usize; 9] = std::array::from_fn(|t| if flipped { 8 - t } else { t });
-        let u = PackedRows::many(lines, depth, |line0, p, runs| {
-            let base = line0 * line_stride + p * depth_stride;
+    /// `U_e[o][c] = (G w[o][c] Gᵀ)_e`.
+    pub fn new(weight: &[f32], c_out: usize, c_in: usize) -> Self {
+        let u = PackedRows::many(c_out, c_in, |line0, p, runs| {
+            let base = (line0 * c_in + p) * 9;
             #[cfg(target_arch = "x86_64")]
             if avx512() {
-                // SAFETY: AVX-512 is present; the runs' lines are lines of the kernel.
-                return unsafe { kernel_lines_avx512(&weight[base..], (line_stride, depth_stride), &taps, runs) };
+                // SAFETY: AVX-512 is present; the runs' lines are output channels of the kernel.
+                return unsafe { kernel_lines_avx512(&weight[base..], c_in * 9, runs) };
             }
             for i in 0..runs[0].len() {
-                let w = |t: usize| weight[base + i * line_stride + taps[t]];
+                let w = |t: usize| weight[base + i * c_in * 9 + t];
                 let g: [[f32; 3]; 3] = std::array::from_fn(|ky| std::array::from_fn(|kx| w(ky * 3 + kx)));
                 for (run, &value) in runs.iter_mut().zip(both_axes(g, kernel_1d).iter().flatten()) {
                     run[i] = value;
                 }
             }
         });
-        Self { u: u.into(), c_out: lines, c_in: depth }
+        Self { u: u.into(), c_out, c_in }
+    }
+
+    /// The transformed matrix at position `e` of the input gradient's kernel (this one flipped
+    /// in both spatial axes, its channel axes swapped): `U_e` of this kernel transposed, at the
+    /// position mirrored. Reversing a kernel's three taps swaps the first and last of `G g`
+    /// (`kernel_1d`) and keeps the middle two, exactly (`g0 + g2` is added either way), so the
+    /// flipped kernel's `U[a][b]` is this one's `U[σa][σb]`, `σ` swapping 0 and 3.
+    fn flipped(&self, e: usize) -> Transposed<'_> {
+        let mirror = |i: usize| if i == 0 || i == 3 { 3 - i } else { i };
+        Transposed(&self.u[mirror(e / 4) * 4 + mirror(e % 4)])
     }
 }
 
-/// The transformed kernel of up to 16 lines at one depth, in the lanes: tap `t` of line `i` at
-/// `weight[i · line_stride + taps[t]]`, `U_e` of line `i` to `runs[e][i]`; the next depth's
-/// taps lie `depth_stride` further.
+/// The transformed kernel of up to 16 output channels at one input channel, in the lanes: the
+/// taps of line `i` at `weight[i · line_stride..][..9]`, `U_e` of line `i` to `runs[e][i]`; the
+/// next input channel's taps follow them.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel_lines_avx512(
-    weight: &[f32],
-    (line_stride, depth_stride): (usize, usize),
-    taps: &[usize; 9],
-    runs: &mut [&mut [f32]; E],
-) {
+unsafe fn kernel_lines_avx512(weight: &[f32], line_stride: usize, runs: &mut [&mut [f32]; E]) {
     use std::arch::x86_64::*;
     let n = runs[0].len();
     // The lines' taps a few depth steps on: the panel's lines are as many streams through the
-    // kernel (apart by a row of it unless flipped), more than the hardware follows (the first
-    // gather waited on memory for half the function's time).
+    // kernel (a row of it apart), more than the hardware follows (the first gather waited on
+    // memory for half the function's time).
     for i in 0..n {
         // A prefetch never faults, wherever it points.
-        _mm_prefetch::<_MM_HINT_T0>(weight.as_ptr().wrapping_add(i * line_stride + 16 * depth_stride).cast());
+        _mm_prefetch::<_MM_HINT_T0>(weight.as_ptr().wrapping_add(i * line_stride + 16 * 9).cast());
     }
     let mask = ((1u32 << n) - 1) as u16;
     let lines: [i32; 16] = std::array::from_fn(|i| (i * line_stride) as i32);
@@ -305,7 +304,7 @@ unsafe fn kernel_lines_avx512(
     // SAFETY: lanes below `n` read inside `weight` (asserted); the others are masked off.
     let g: [[__m512; 3]; 3] = std::array::from_fn(|ky| {
         std::array::from_fn(|kx| unsafe {
-            let at = _mm512_add_epi32(lines, _mm512_set1_epi32(taps[ky * 3 + kx] as i32));
+            let at = _mm512_add_epi32(lines, _mm512_set1_epi32((ky * 3 + kx) as i32));
             _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, at, weight.as_ptr())
         })
     });
@@ -326,19 +325,37 @@ unsafe fn kernel_lines_avx512(
 /// `y = conv(x, w)` for a batch `x` (`[B, C, H, W]` as `p` says) and a transformed kernel:
 /// `[B, C_out, Ho, Wo]`, `after` applied to each output channel.
 pub fn convolve(p: Patches, x: &[f32], kernel: &Kernel, after: Option<&ChannelAffine>) -> Vec<f32> {
-    let lines = p.channels + kernel.c_out;
-    convolve_in_chunks(p, x, kernel, after, (CHUNK_BUDGET / (E * lines)).max(32) / 32 * 32)
+    convolve_in_chunks(p, x, kernel, false, after, chunk(p.channels + kernel.c_out))
 }
 
-/// [`convolve`], `chunk` tiles at a time.
-fn convolve_in_chunks(p: Patches, x: &[f32], kernel: &Kernel, after: Option<&ChannelAffine>, chunk: usize) -> Vec<f32> {
+/// The input gradient's convolution (`im2col`'s `GradInput`) of `g` (`[B, C_out, Ho, Wo]` as
+/// `p` says) with `kernel` flipped and its channel axes swapped ([`Kernel::flipped`]):
+/// `[B, C, H, W]`.
+pub fn convolve_flipped(p: Patches, g: &[f32], kernel: &Kernel) -> Vec<f32> {
+    convolve_in_chunks(p, g, kernel, true, None, chunk(kernel.c_in + kernel.c_out))
+}
+
+/// Tiles per chunk for products with `lines` channels in and out.
+fn chunk(lines: usize) -> usize {
+    (CHUNK_BUDGET / (E * lines)).max(32) / 32 * 32
+}
+
+/// [`convolve`] (or with `flipped` [`convolve_flipped`]), `chunk` tiles at a time.
+fn convolve_in_chunks(
+    p: Patches,
+    x: &[f32],
+    kernel: &Kernel,
+    flipped: bool,
+    after: Option<&ChannelAffine>,
+    chunk: usize,
+) -> Vec<f32> {
+    let (c_in, c_out) = if flipped { (kernel.c_out, kernel.c_in) } else { (kernel.c_in, kernel.c_out) };
     assert!(
-        p.kernel == 3 && p.stride == 1 && kernel.c_in == p.channels,
-        "winograd: {p:?} with a {}x{} kernel",
+        p.kernel == 3 && p.stride == 1 && c_in == p.channels,
+        "winograd: {p:?} with a {}x{} kernel (flipped: {flipped})",
         kernel.c_out,
         kernel.c_in
     );
-    let (c_in, c_out) = (p.channels, kernel.c_out);
     let images = x.len() / (c_in * p.h * p.w);
     let tiling = Tiling::new(p, images);
     let (oh, ow) = tiling.out;
@@ -354,7 +371,12 @@ fn convolve_in_chunks(p: Patches, x: &[f32], kernel: &Kernel, after: Option<&Cha
         // SAFETY: the transform wrote every entry of the chunk's `V`.
         let v = unsafe { written(v) };
         m.par_chunks_mut(c_out * count).zip(v.par_chunks(c_in * count)).enumerate().for_each(|(e, (m, v))| {
-            sgemm_serial(c_out, count, c_in, &kernel.u[e], &Mat::columns(v, count), m, count, false);
+            let v = Mat::columns(v, count);
+            if flipped {
+                sgemm_serial(c_out, count, c_in, &kernel.flipped(e), &v, m, count, false);
+            } else {
+                sgemm_serial(c_out, count, c_in, &kernel.u[e], &v, m, count, false);
+            }
         });
         // SAFETY: each product wrote its `c_out x count` entries of `M`, all of them.
         tiling.transform_output(unsafe { written(m) }, c_out, first, count, &out, after);
@@ -369,8 +391,7 @@ fn convolve_in_chunks(p: Patches, x: &[f32], kernel: &Kernel, after: Option<&Cha
 /// (16 products as deep as the tiles), then `∂W = Gᵀ ∂U G`. Here the transforms put the
 /// channels in the lanes, so that both operands lie with their lines (channels) side by side.
 pub fn weight_gradient(p: Patches, x: &[f32], grad: &[f32], c_out: usize) -> Vec<f32> {
-    let lines = p.channels + c_out;
-    weight_gradient_in_chunks(p, x, grad, c_out, (CHUNK_BUDGET / (E * lines)).max(32) / 32 * 32)
+    weight_gradient_in_chunks(p, x, grad, c_out, chunk(p.channels + c_out))
 }
 
 /// [`weight_gradient`], `chunk` tiles at a time.
@@ -405,10 +426,18 @@ fn weight_gradient_in_chunks(p: Patches, x: &[f32], grad: &[f32], c_out: usize, 
     let du = unsafe { written(&du) };
     let plane = c_out * c_in;
     let mut dw = unwritten(plane * 9);
-    dw.par_chunks_mut(9).enumerate().for_each(|(k, dw)| {
-        let du: [[f32; 4]; 4] = std::array::from_fn(|a| std::array::from_fn(|b| du[(a * 4 + b) * plane + k]));
-        for (d, &value) in dw.iter_mut().zip(both_axes(du, kernel_adjoint_1d).iter().flatten()) {
-            d.write(value);
+    dw.par_chunks_mut(9 * 16).enumerate().for_each(|(group, dw)| {
+        let k0 = 16 * group;
+        #[cfg(target_arch = "x86_64")]
+        if avx512() {
+            // SAFETY: AVX-512 is present; the group's pairs lie inside every plane of `∂U`.
+            return unsafe { kernel_adjoint_avx512(&du[k0..], plane, dw) };
+        }
+        for (k, dw) in (k0..).zip(dw.chunks_exact_mut(9)) {
+            let du: [[f32; 4]; 4] = std::array::from_fn(|a| std::array::from_fn(|b| du[(a * 4 + b) * plane + k]));
+            for (d, &value) in dw.iter_mut().zip(both_axes(du, kernel_adjoint_1d).iter().flatten()) {
+                d.write(value);
+            }
         }
     });
     // SAFETY: every entry written just now; `MaybeUninit<f32>` has `f32`'s layout.
@@ -557,6 +586,39 @@ unsafe fn by_channels_avx512(
         for (e, v) in t.into_iter().enumerate() {
             // SAFETY: the caller's; lanes past `n` are not written.
             unsafe { _mm512_mask_storeu_ps(out.add(e * e_stride + c0), mask, v) };
+        }
+    }
+}
+
+/// `∂W = Gᵀ ∂U G` of (at most) 16 channel pairs in the lanes: `∂U_e` of pair `l` at
+/// `du[e · plane + l]`, its nine taps to `dw[9l..9l + 9]` (one scatter per tap).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel_adjoint_avx512(du: &[f32], plane: usize, dw: &mut [MaybeUninit<f32>]) {
+    use std::arch::x86_64::*;
+    let n = dw.len() / 9;
+    assert!(n <= 16 && 15 * plane + n <= du.len(), "kernel_adjoint_avx512: pairs past ∂U");
+    let mask = ((1u32 << n) - 1) as u16;
+    // SAFETY: lanes below `n` lie inside `du` (asserted); the others are masked off.
+    let u: [[__m512; 4]; 4] = std::array::from_fn(|a| {
+        std::array::from_fn(|b| unsafe { _mm512_maskz_loadu_ps(mask, du.as_ptr().add((a * 4 + b) * plane)) })
+    });
+    let half = _mm512_set1_ps(0.5);
+    let adjoint = |u: [__m512; 4]| {
+        let mid = _mm512_mul_ps(half, _mm512_add_ps(u[1], u[2]));
+        [_mm512_add_ps(u[0], mid), _mm512_mul_ps(half, _mm512_sub_ps(u[1], u[2])), _mm512_add_ps(mid, u[3])]
+    };
+    let cols: [[__m512; 3]; 4] = std::array::from_fn(|b| adjoint(std::array::from_fn(|a| u[a][b])));
+    let mut taps = [[0f32; 16]; 9];
+    for i in 0..3 {
+        for (j, v) in adjoint(std::array::from_fn(|b| cols[b][i])).into_iter().enumerate() {
+            // SAFETY: 16 floats.
+            unsafe { _mm512_storeu_ps(taps[i * 3 + j].as_mut_ptr(), v) };
+        }
+    }
+    for (l, dw) in dw.chunks_exact_mut(9).enumerate() {
+        for (t, d) in dw.iter_mut().enumerate() {
+            d.write(taps[t][l]);
         }
     }
 }
@@ -755,9 +817,9 @@ mod tests {
                 let weight = values(c_out * c * 9, i + 50);
                 let want = direct(p, &x, &weight, c_out);
                 let scale = largest(&want);
-                let kernel = Kernel::new(&weight, c_out, c, false);
+                let kernel = Kernel::new(&weight, c_out, c);
                 for chunk in [7, 32, usize::MAX] {
-                    let got = convolve_in_chunks(p, &x, &kernel, None, chunk);
+                    let got = convolve_in_chunks(p, &x, &kernel, false, None, chunk);
                     let diff = off_by(&got, &want);
                     assert!(diff <= 1e-5 * scale, "{kernels}: case {i} chunk {chunk}: off by {diff} (scale {scale})");
                 }
@@ -771,7 +833,7 @@ mod tests {
                 let q = Patches { channels: c_out, ..p };
                 let g = values(2 * c_out * h * w, i + 7);
                 let want = direct(q, &g, &flipped, c);
-                let got = convolve(q, &g, &Kernel::new(&weight, c_out, c, true), None);
+                let got = convolve_flipped(q, &g, &kernel);
                 let diff = off_by(&got, &want);
                 assert!(diff <= 1e-5 * largest(&want), "{kernels}: case {i} flipped: off by {diff}");
             }
@@ -780,7 +842,7 @@ mod tests {
             let after = ChannelAffine::new(vec![0.5, -1.0, 2.0, 1.5], vec![0.1, 0.2, -0.3, 0.0], Activation::Relu);
             let mut want = direct(p, &x, &weight, 4);
             want.chunks_mut(42).enumerate().for_each(|(i, map)| after.apply(i % 4, map));
-            let got = convolve(p, &x, &Kernel::new(&weight, 4, 3, false), Some(&after));
+            let got = convolve(p, &x, &Kernel::new(&weight, 4, 3), Some(&after));
             let diff = off_by(&got, &want);
             assert!(diff <= 1e-5, "{kernels}: with the channel map: off by {diff}");
         });
@@ -810,18 +872,21 @@ mod tests {
         });
     }
 
-    /// The 16 matrices packed at once equal each transformed matrix packed alone.
+    /// The 16 matrices packed at once equal each transformed matrix packed alone; read flipped,
+    /// they equal the flipped kernel's, transformed (exactly, up to the rounding of the 16-lane
+    /// transform: that is what [`Kernel::flipped`] relies on).
     #[test]
     fn kernel_packs_like_its_matrices() {
         both_kernels(|kernels| {
+            // Depth past a product's block, which panels of 14 lines straddle.
             let (c_out, c) = (19, 300);
             let weight = values(c_out * c * 9, 3);
+            let kernel = Kernel::new(&weight, c_out, c);
             for flipped in [false, true] {
-                let kernel = Kernel::new(&weight, c_out, c, flipped);
                 let (lines, depth) = if flipped { (c, c_out) } else { (c_out, c) };
                 let identity: Vec<f32> =
                     (0..depth * depth).map(|i| if i / depth == i % depth { 1.0 } else { 0.0 }).collect();
-                for e in [0, 5, 15] {
+                for e in 0..E {
                     let (i, j) = (e / 4, e % 4);
                     let want: Vec<f32> = (0..lines * depth)
                         .map(|k| {
@@ -837,15 +902,20 @@ mod tests {
                         })
                         .collect();
                     // `U_e · I`: the packed matrix read back through a product.
-                    let got = sgemm_new(
-                        lines,
-                        depth,
-                        depth,
-                        &kernel.u[e],
-                        &Mat::rows(&identity, depth),
-                        |d| Dest::rows_uninit(d, depth),
-                        None,
-                    );
+                    let identity = Mat::rows(&identity, depth);
+                    let got = if flipped {
+                        sgemm_new(
+                            lines,
+                            depth,
+                            depth,
+                            &kernel.flipped(e),
+                            &identity,
+                            |d| Dest::rows_uninit(d, depth),
+                            None,
+                        )
+                    } else {
+                        sgemm_new(lines, depth, depth, &kernel.u[e], &identity, |d| Dest::rows_uninit(d, depth), None)
+                    };
                     // The vector transform adds `g0 + g2` first: rounding apart, nothing else.
                     let diff = off_by(&got, &want);
                     assert!(diff <= 1e-6, "{kernels}: flipped {flipped} e {e}: off by {diff}");
