@@ -188,10 +188,12 @@ unsafe fn transposed_avx512(
     let (panels, padded) = (inner.as_slice(), inner.padded_lines());
     let kc = dst.len() / (lines.div_ceil(width) * width);
     let store = if width >= 16 { 0xffff } else { (1u16 << width) - 1 };
-    for (q, panel) in dst.chunks_exact_mut(width * kc).enumerate() {
-        let n = (lines - q * width).min(width);
-        // The packed operand's lines `depth0..depth0 + kc`, panel by panel.
-        for first in (depth0 / MR * MR..depth0 + kc).step_by(MR) {
+    // The packed operand's lines `depth0..depth0 + kc` panel by panel, and within each of its
+    // panels this block's panels in turn: the reads run down the packed operand's panels in
+    // order (block by panel, they jumped a panel for every block and waited on memory).
+    for first in (depth0 / MR * MR..depth0 + kc).step_by(MR) {
+        for (q, panel) in dst.chunks_exact_mut(width * kc).enumerate() {
+            let n = (lines - q * width).min(width);
             // Row `i`: this panel's line `i` (the packed operand's depth), across its panel's lines.
             let rows: [__m512; 16] = std::array::from_fn(|i| {
                 if i >= n {
