@@ -149,44 +149,49 @@ impl Tiling {
         (o + j * self.p.dilation).checked_sub(self.p.padding).filter(|&i| i < n)
     }
 
-    /// Along a side of `n` inputs, the length of a row padded so that every tile's taps lie
-    /// inside it: `padding` zeros before the inputs, zeros after.
+    /// Along a side of `n` inputs, its length padded so that every tile's taps lie inside it:
+    /// `padding` zeros before the inputs, zeros after.
     fn padded(&self, starts: &[usize], n: usize) -> usize {
         let last = starts.iter().max().map_or(0, |&s| s + 3 * self.p.dilation + 1);
         last.max(self.p.padding + n)
     }
 
     /// `V` of tiles `first..first + count` of `images` (`[B, C, H, W]`): `[16][C][count]`.
+    /// Each task copies a channel's planes of the chunk's images into planes padded so that
+    /// every tile's taps lie inside them (zero outside the image), the rows the chunk's tiles
+    /// read; then the tiles go 16 at a time, whichever tile row or image each is in (by tile
+    /// row, 9 tiles of a 17x17 map filled 9 of the 16 lanes).
     fn transform_input(&self, images: &[f32], first: usize, count: usize, v: &mut [MaybeUninit<f32>]) {
         let (c_in, h, w) = (self.p.channels, self.p.h, self.p.w);
         let (d, pad) = (self.p.dilation, self.p.padding);
+        let (ph, pw) = (self.padded(&self.ys, h), self.padded(&self.xs, w));
         let runs = self.runs(first, count);
-        let width = self.padded(&self.xs, w);
+        let b0 = runs[0].b;
+        let images_read = runs[runs.len() - 1].b + 1 - b0;
+        // Per image of the chunk, the padded rows its tiles read; per tile, its first tap.
+        let mut rows = vec![(usize::MAX, 0); images_read];
+        let mut corners = Vec::with_capacity(count);
+        for run in &runs {
+            let (y0, plane) = (self.ys[run.iy], (run.b - b0) * ph * pw);
+            let read = &mut rows[run.b - b0];
+            *read = (read.0.min(y0), read.1.max(y0 + 3 * d + 1));
+            corners.extend(self.xs[run.ix.clone()].iter().map(|&x0| plane + y0 * pw + x0));
+        }
         let v = SharedOut(v.as_mut_ptr().cast());
         (0..c_in).into_par_iter().for_each_init(
-            || vec![0f32; 4 * width],
-            |rows, c| {
+            // Zero where no input lands (the padding), for every channel of the task.
+            || vec![0f32; images_read * ph * pw],
+            |planes, c| {
                 let v = &v;
-                for run in &runs {
-                    let image = &images[(run.b * c_in + c) * h * w..][..h * w];
-                    // The tile row's four input rows, padded (zero outside the image).
-                    for (i, row) in rows.chunks_exact_mut(width).enumerate() {
-                        match self.input(self.ys[run.iy], i, h) {
-                            Some(y) => {
-                                row[pad..pad + w].copy_from_slice(&image[y * w..][..w]);
-                                row[..pad].fill(0.0);
-                                row[pad + w..].fill(0.0);
-                            }
-                            None => row.fill(0.0),
-                        }
-                    }
-                    // SAFETY: entries (e, c, run's tiles) of `[16][C][count]`: this task's alone;
-                    // the taps lie inside the padded rows (`padded`).
-                    unsafe {
-                        let out = v.0.add(c * count + run.t);
-                        input_tiles(rows, width, &self.xs[run.ix.clone()], d, out, c_in * count);
+                for (k, &(top, bottom)) in rows.iter().enumerate() {
+                    let image = &images[((b0 + k) * c_in + c) * h * w..][..h * w];
+                    for y in top.max(pad)..bottom.min(pad + h) {
+                        planes[(k * ph + y) * pw + pad..][..w].copy_from_slice(&image[(y - pad) * w..][..w]);
                     }
                 }
+                // SAFETY: entries (e, c, 0..count) of `[16][C][count]`: this task's alone; every
+                // tile's taps lie inside the padded planes (`padded`).
+                unsafe { input_tiles(planes, d * pw, &corners, d, v.0.add(c * count), c_in * count) };
             },
         );
     }
@@ -623,19 +628,19 @@ unsafe fn kernel_adjoint_avx512(du: &[f32], plane: usize, dw: &mut [MaybeUninit<
     }
 }
 
-/// The input transform of a run of tiles from their four input rows (`rows`: 4 padded rows of
-/// `width`), tile `k` starting at column `xs[k]`: `V_e` of tile `k` to `out[e · e_stride + k]`.
+/// The input transform of tiles from `data`, tile `k`'s tap `(i, j)` at
+/// `data[corners[k] + i · row_step + j · d]`: `V_e` of tile `k` to `out[e · e_stride + k]`.
 ///
 /// # Safety
-/// `out` must be valid for those writes; every `xs[k] + 3d` lies inside a row.
-unsafe fn input_tiles(rows: &[f32], width: usize, xs: &[usize], d: usize, out: *mut f32, e_stride: usize) {
+/// `out` must be valid for those writes; every tap lies inside `data`.
+unsafe fn input_tiles(data: &[f32], row_step: usize, corners: &[usize], d: usize, out: *mut f32, e_stride: usize) {
     #[cfg(target_arch = "x86_64")]
     if avx512() {
         // SAFETY: AVX-512 is present; the caller's guarantees.
-        return unsafe { input_tiles_avx512(rows, width, xs, d, out, e_stride) };
+        return unsafe { input_tiles_avx512(data, row_step, corners, d, out, e_stride) };
     }
-    for (k, &x0) in xs.iter().enumerate() {
-        let tile: [[f32; 4]; 4] = std::array::from_fn(|i| std::array::from_fn(|j| rows[i * width + x0 + j * d]));
+    for (k, &corner) in corners.iter().enumerate() {
+        let tile: [[f32; 4]; 4] = std::array::from_fn(|i| std::array::from_fn(|j| data[corner + i * row_step + j * d]));
         for (e, &value) in both_axes(tile, input_1d).iter().flatten().enumerate() {
             // SAFETY: the caller's.
             unsafe { out.add(e * e_stride + k).write(value) };
@@ -643,28 +648,35 @@ unsafe fn input_tiles(rows: &[f32], width: usize, xs: &[usize], d: usize, out: *
     }
 }
 
-/// Lanes `l < n` of 16, and their columns `xs[l]` (0 past `n`).
+/// Lanes `l < n` of 16 (`n` the offsets given), and the offsets in them (0 past `n`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn lanes(xs: &[usize]) -> (u16, std::arch::x86_64::__m512i) {
-    let columns: [i32; 16] = std::array::from_fn(|l| xs.get(l).map_or(0, |&x| x as i32));
+fn lanes(offsets: &[usize]) -> (u16, std::arch::x86_64::__m512i) {
+    let lanes: [i32; 16] = std::array::from_fn(|l| offsets.get(l).map_or(0, |&x| x as i32));
     // SAFETY: 16 i32s.
-    let columns = unsafe { std::arch::x86_64::_mm512_loadu_si512(columns.as_ptr().cast()) };
-    (((1u32 << xs.len()) - 1) as u16, columns)
+    let lanes = unsafe { std::arch::x86_64::_mm512_loadu_si512(lanes.as_ptr().cast()) };
+    (((1u32 << offsets.len()) - 1) as u16, lanes)
 }
 
 /// [`input_tiles`] with 16 tiles in the lanes: a gather per tap, the transform on vectors.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn input_tiles_avx512(rows: &[f32], width: usize, xs: &[usize], d: usize, out: *mut f32, e_stride: usize) {
+unsafe fn input_tiles_avx512(
+    data: &[f32],
+    row_step: usize,
+    corners: &[usize],
+    d: usize,
+    out: *mut f32,
+    e_stride: usize,
+) {
     use std::arch::x86_64::*;
-    for (g, xs) in xs.chunks(16).enumerate() {
-        let (mask, columns) = lanes(xs);
-        // SAFETY: the caller's: every lane's taps lie inside the rows; lanes past `n` masked.
+    for (g, corners) in corners.chunks(16).enumerate() {
+        let (mask, corners) = lanes(corners);
+        // SAFETY: the caller's: every lane's taps lie inside `data`; lanes past `n` masked.
         let tile: [[__m512; 4]; 4] = std::array::from_fn(|i| {
             std::array::from_fn(|j| unsafe {
-                let at = _mm512_add_epi32(columns, _mm512_set1_epi32((i * width + j * d) as i32));
-                _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, at, rows.as_ptr())
+                let at = _mm512_add_epi32(corners, _mm512_set1_epi32((i * row_step + j * d) as i32));
+                _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, at, data.as_ptr())
             })
         });
         let column = |f: [__m512; 4]| {
