@@ -218,7 +218,7 @@ unsafe fn transposed_avx512(
 /// The transpose of 16 rows of 16 lanes: column `j` of the result holds lane `j` of every row.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn transpose16(a: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
+pub(super) fn transpose16(a: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
     use std::arch::x86_64::*;
     // Pairs of rows interleaved within 128-bit lanes, then pairs of pairs: `u[4g + j]` holds
     // columns j, j + 4, j + 8, j + 12 of rows 4g..4g + 4, one 128-bit lane each.
