@@ -23,9 +23,9 @@
 
 use super::batch_norm::ChannelAffine;
 use super::im2col::Patches;
-use super::sgemm::{Mat, PackedRows, Transposed, sgemm_serial};
 #[cfg(target_arch = "x86_64")]
 use super::sgemm::transpose16;
+use super::sgemm::{Mat, PackedRows, Transposed, sgemm_serial};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -111,13 +111,11 @@ struct Tiling {
     images: usize,
 }
 
-/// A run of tiles along one tile row: image `b`, tile row `iy`, tile columns `ix`, the first
-/// of which is tile `t` of the chunk.
+/// A run of tiles along one tile row: image `b`, tile row `iy`, tile columns `ix`.
 struct Run {
     b: usize,
     iy: usize,
     ix: std::ops::Range<usize>,
-    t: usize,
 }
 
 impl Tiling {
@@ -140,7 +138,7 @@ impl Tiling {
         while t < first + count {
             let (row, ix) = (t / tx, t % tx);
             let end = tx.min(ix + first + count - t);
-            runs.push(Run { b: row / self.ys.len(), iy: row % self.ys.len(), ix: ix..end, t: t - first });
+            runs.push(Run { b: row / self.ys.len(), iy: row % self.ys.len(), ix: ix..end });
             t += end - ix;
         }
         runs
@@ -211,29 +209,29 @@ impl Tiling {
     ) {
         let (oh, ow) = self.out;
         let d = self.p.dilation;
-        let runs = self.runs(first, count);
         let plane = c_out * count;
+        // Per tile: where its first output lies in channel 0's map, and which of its four
+        // outputs (row-major) lie inside the map. The tiles go 16 at a time, across tile rows.
+        let mut tiles = Vec::with_capacity(count);
+        for run in self.runs(first, count) {
+            let y0 = self.ys[run.iy];
+            tiles.extend(self.xs[run.ix].iter().map(|&x0| {
+                let inside: [bool; 4] = std::array::from_fn(|i| y0 + i / 2 * d < oh && x0 + i % 2 * d < ow);
+                (run.b * c_out * oh * ow + y0 * ow + x0, inside)
+            }));
+        }
+        let offsets: [usize; 4] = std::array::from_fn(|i| i / 2 * d * ow + i % 2 * d);
         (0..c_out).into_par_iter().for_each(|o| {
-            for run in &runs {
-                let map = (run.b * c_out + o) * oh * ow;
-                let y0 = self.ys[run.iy];
-                let rows = [y0, y0 + d].map(|y| (y < oh).then_some(map + y * ow));
-                for (g, xs) in self.xs[run.ix.clone()].chunks(16).enumerate() {
-                    let mut values = output_tiles(&m[o * count + run.t + 16 * g..], plane, xs.len());
-                    if let Some(after) = after {
-                        values.iter_mut().for_each(|v| after.apply(o, &mut v[..xs.len()]));
-                    }
-                    for (k, &x0) in xs.iter().enumerate() {
-                        for (a, row) in rows.iter().enumerate() {
-                            let Some(row) = row else { continue };
-                            for b in 0..2 {
-                                let x = x0 + b * d;
-                                if x < ow {
-                                    // SAFETY: output (b, o, y, x) belongs to this tile alone.
-                                    unsafe { y.0.add(row + x).write(values[a * 2 + b][k]) };
-                                }
-                            }
-                        }
+            for (g, group) in tiles.chunks(16).enumerate() {
+                let mut values = output_tiles(&m[o * count + 16 * g..], plane, group.len());
+                if let Some(after) = after {
+                    values.iter_mut().for_each(|v| after.apply(o, &mut v[..group.len()]));
+                }
+                for (k, &(corner, inside)) in group.iter().enumerate() {
+                    let corner = corner + o * oh * ow;
+                    for i in (0..4).filter(|&i| inside[i]) {
+                        // SAFETY: output (b, o, y, x) belongs to this tile alone.
+                        unsafe { y.0.add(corner + offsets[i]).write(values[i][k]) };
                     }
                 }
             }
@@ -495,7 +493,11 @@ unsafe fn channels_last_avx512(maps: &[f32], channels: usize, plane: usize, p0: 
         let n = 16.min(channels - c0);
         // SAFETY: the rows of channels below `n`, `positions` values each, lie inside `maps`.
         let rows: [__m512; 16] = std::array::from_fn(|i| unsafe {
-            if i < n { _mm512_maskz_loadu_ps(read, maps.as_ptr().add((c0 + i) * plane + p0)) } else { _mm512_setzero_ps() }
+            if i < n {
+                _mm512_maskz_loadu_ps(read, maps.as_ptr().add((c0 + i) * plane + p0))
+            } else {
+                _mm512_setzero_ps()
+            }
         });
         let store = ((1u32 << n) - 1) as u16;
         for (k, column) in transpose16(rows).into_iter().take(positions).enumerate() {
