@@ -11,7 +11,7 @@
 //!
 //! The input gradient of a stride-1 convolution is itself a convolution (of the output gradient
 //! with the kernel flipped and its channel axes swapped, `im2col`'s `GradInput`), so it comes
-//! here too, its kernel transformed flipped. The weight gradient is `∂U_e = Ŷ_e · V_eᵀ` summed
+//! here too, reading the kernel's transform flipped ([`Kernel::flipped`]). The weight gradient is `∂U_e = Ŷ_e · V_eᵀ` summed
 //! over the tiles (`Ŷ` the output gradient's transform, the adjoint of the output transform),
 //! then `∂W = Gᵀ ∂U G`; its transforms put the channels in the lanes, so that both operands
 //! lie with their lines side by side. Either way the ops compute the functions `im2col`'s
@@ -19,7 +19,8 @@
 //! differently: F(2x2, 3x3)'s transforms use only 0, ±1 and ±½.
 //!
 //! The kernel's transform costs as much as a pass over a tile of every channel pair, so a frozen
-//! kernel is transformed once (`im2col::PreparedWeight`).
+//! kernel is transformed once (`im2col::PreparedWeight`), and a trainable one once per step:
+//! the forward keeps its transform for the input gradient (`im2col`'s `Conv`).
 
 use super::batch_norm::ChannelAffine;
 use super::im2col::Patches;
