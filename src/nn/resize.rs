@@ -2,7 +2,7 @@
 //!
 //! Candle's `upsample_bilinear2d` has no backward and adaptive pooling does not exist, so every
 //! resampling here is `y = A_h · x · A_wᵀ` with a per-axis matrix built on the host. On the CPU
-//! (f32) that is one op ([`Resample`]) over the matrices' few nonzero taps, whose gradient
+//! (f32) that is one op (`Resample`) over the matrices' few nonzero taps, whose gradient
 //! `A_hᵀ · ∂y · A_w` is the same op with the matrices transposed (so it differentiates any number
 //! of times) and which, unlike a matmul's backward, computes no gradient for the fixed matrices;
 //! elsewhere it is two matmuls, differentiable (twice) on every device. Both reproduce

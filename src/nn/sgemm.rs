@@ -471,7 +471,7 @@ pub fn sgemm(m: usize, n: usize, k: usize, a: &impl Lines, b: &impl Lines, c: De
 /// The product as a new vector of `m · n` floats laid out as `dest` says (it must cover them
 /// all, as [`Dest::rows_uninit`] with `ldc = n` and [`Dest::batched_uninit`] do): every entry is
 /// written once, none zeroed first (a serial pass as long as the product's output otherwise);
-/// `finish`, if given, applied to the values once they are final ([`Dest::then`]).
+/// `finish`, if given, applied to the values once they are final (`Dest::then`).
 pub fn sgemm_new(
     m: usize,
     n: usize,

@@ -11,12 +11,12 @@
 //!
 //! The input gradient of a stride-1 convolution is itself a convolution (of the output gradient
 //! with the kernel flipped and its channel axes swapped, `im2col`'s `GradInput`), so it comes
-//! here too, reading the kernel's transform flipped ([`Kernel::flipped`]). The weight gradient is `∂U_e = Ŷ_e · V_eᵀ` summed
-//! over the tiles (`Ŷ` the output gradient's transform, the adjoint of the output transform),
-//! then `∂W = Gᵀ ∂U G`; its transforms put the channels in the lanes, so that both operands
-//! lie with their lines side by side. Either way the ops compute the functions `im2col`'s
-//! compute (their adjoint structure, hence every derivative, is unchanged), rounded
-//! differently: F(2x2, 3x3)'s transforms use only 0, ±1 and ±½.
+//! here too, reading the kernel's transform flipped (`Kernel::flipped`). The weight gradient is
+//! `∂U_e = Ŷ_e · V_eᵀ` summed over the tiles (`Ŷ` the output gradient's transform, the adjoint
+//! of the output transform), then `∂W = Gᵀ ∂U G`; its transforms put the channels in the lanes,
+//! so that both operands lie with their lines side by side. Either way the ops compute the
+//! functions `im2col`'s compute (their adjoint structure, hence every derivative, is unchanged),
+//! rounded differently: F(2x2, 3x3)'s transforms use only 0, ±1 and ±½.
 //!
 //! The kernel's transform costs as much as a pass over a tile of every channel pair, so a frozen
 //! kernel is transformed once (`im2col::PreparedWeight`), and a trainable one once per step:
@@ -335,7 +335,7 @@ pub fn convolve(p: Patches, x: &[f32], kernel: &Kernel, after: Option<&ChannelAf
 }
 
 /// The input gradient's convolution (`im2col`'s `GradInput`) of `g` (`[B, C_out, Ho, Wo]` as
-/// `p` says) with `kernel` flipped and its channel axes swapped ([`Kernel::flipped`]):
+/// `p` says) with `kernel` flipped and its channel axes swapped (`Kernel::flipped`):
 /// `[B, C, H, W]`.
 pub fn convolve_flipped(p: Patches, g: &[f32], kernel: &Kernel) -> Vec<f32> {
     convolve_in_chunks(p, g, kernel, true, None, chunk(kernel.c_in + kernel.c_out))
