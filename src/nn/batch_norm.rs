@@ -334,6 +334,30 @@ struct ChannelGrad {
 }
 
 impl ChannelGrad {
+    /// The gradient before the activation: `∂y` where `y > 0`, else the slope below zero times
+    /// it (one select per value, which vectorises).
+    fn before(&self, g: f32, y: f32) -> f32 {
+        if y > 0.0 { g } else { g * self.below }
+    }
+
+    /// A value's terms of the two sums, `g` and `g · x̂`.
+    fn terms(&self, x: f32, y: f32, g: f32) -> [f32; 2] {
+        let g = self.before(g, y);
+        [g, g * (x - self.mean) * self.invstd]
+    }
+
+    /// `(Σ g, Σ g · x̂)` from their f64 totals, and their means over `batch` values when the
+    /// batch statistics depend on `x` (else zero).
+    fn means(sums: (f64, f64), batch: Option<f32>) -> ((f32, f32), (f32, f32)) {
+        let sums = (sums.0 as f32, sums.1 as f32);
+        (sums, batch.map_or((0.0, 0.0), |n| (sums.0 / n, sums.1 / n)))
+    }
+
+    /// A value's input gradient, given the means of [`ChannelGrad::means`].
+    fn input_grad(&self, x: f32, y: f32, g: f32, (g_mean, gx_mean): (f32, f32)) -> f32 {
+        self.scale * (self.before(g, y) - g_mean - (x - self.mean) * self.invstd * gx_mean)
+    }
+
     /// [`NormalizeGrad`]'s two passes over one channel's planes (`maps`: its `x`, `y` and `∂y`
     /// planes), writing `∂x` to `out`; `batch` is the count of values per channel when the
     /// batch statistics depend on `x` (training mode). Returns `(Σ g, Σ g · x̂)`.
@@ -352,25 +376,18 @@ impl ChannelGrad {
         out: &mut [&mut [MaybeUninit<f32>]],
         batch: Option<f32>,
     ) -> (f32, f32) {
-        let Self { mean, invstd, below, scale } = *self;
-        // The gradient before the activation: one select per value, which vectorises.
-        let before = |g: f32, y: f32| if y > 0.0 { g } else { g * below };
-        let (mut g_sum, mut gx_sum) = (0f64, 0f64);
+        let mut sums = (0f64, 0f64);
         for ((x, y), g) in xs.iter().zip(ys).zip(gs) {
-            let [g, gx] = lane_sums(x.len(), |j| {
-                let g = before(g[j], y[j]);
-                [g, g * (x[j] - mean) * invstd]
-            });
-            (g_sum, gx_sum) = (g_sum + g, gx_sum + gx);
+            let [g, gx] = lane_sums(x.len(), |j| self.terms(x[j], y[j], g[j]));
+            sums = (sums.0 + g, sums.1 + gx);
         }
-        let (g_sum, gx_sum) = (g_sum as f32, gx_sum as f32);
-        let (g_mean, gx_mean) = batch.map_or((0.0, 0.0), |n| (g_sum / n, gx_sum / n));
+        let (sums, means) = Self::means(sums, batch);
         for (dst, ((x, y), g)) in out.iter_mut().zip(xs.iter().zip(ys).zip(gs)) {
             for (((d, &x), &y), &g) in dst.iter_mut().zip(*x).zip(*y).zip(*g) {
-                d.write(scale * (before(g, y) - g_mean - (x - mean) * invstd * gx_mean));
+                d.write(self.input_grad(x, y, g, means));
             }
         }
-        (g_sum, gx_sum)
+        sums
     }
 
     /// [`ChannelGrad::portable`] on AVX-512, 16 values a step (a 128² training step's 29
@@ -389,8 +406,7 @@ impl ChannelGrad {
         batch: Option<f32>,
     ) -> (f32, f32) {
         use std::arch::x86_64::*;
-        let Self { mean, invstd, below, scale } = *self;
-        let (mean_v, invstd_v, below_v) = (_mm512_set1_ps(mean), _mm512_set1_ps(invstd), _mm512_set1_ps(below));
+        let [mean_v, invstd_v, below_v] = [self.mean, self.invstd, self.below].map(|v| _mm512_set1_ps(v));
         let zero = _mm512_setzero_ps();
         // 16 values from `at`: g, the gradient before the activation (∂y where y > 0, else the
         // slope below zero times it), and x − μ.
@@ -402,8 +418,7 @@ impl ChannelGrad {
                 (g, _mm512_sub_ps(x, mean_v))
             }
         };
-        let before = |g: f32, y: f32| if y > 0.0 { g } else { g * below };
-        let (mut g_sum, mut gx_sum) = (0f64, 0f64);
+        let mut sums = (0f64, 0f64);
         for (plane, ((x, y), g)) in xs.iter().zip(ys).zip(gs).enumerate() {
             for block in (0..x.len()).step_by(BLOCK) {
                 let len = BLOCK.min(x.len() - block);
@@ -414,10 +429,10 @@ impl ChannelGrad {
                     g_lanes = _mm512_add_ps(g_lanes, g);
                     gx_lanes = _mm512_add_ps(gx_lanes, _mm512_mul_ps(_mm512_mul_ps(g, centred), invstd_v));
                 }
-                let (mut g_rest, mut gx_rest) = (-0f32, -0f32);
+                let mut rest = [-0f32; 2];
                 for j in whole..block + len {
-                    let g = before(g[j], y[j]);
-                    (g_rest, gx_rest) = (g_rest + g, gx_rest + g * (x[j] - mean) * invstd);
+                    let [g, gx] = self.terms(x[j], y[j], g[j]);
+                    rest = [rest[0] + g, rest[1] + gx];
                 }
                 let mut lanes = [[0f32; 16]; 2];
                 // SAFETY: 16 floats each.
@@ -426,13 +441,12 @@ impl ChannelGrad {
                     _mm512_storeu_ps(lanes[1].as_mut_ptr(), gx_lanes);
                 }
                 let total = |lanes: &[f32; 16]| lanes.iter().map(|&v| v as f64).sum::<f64>();
-                g_sum += total(&lanes[0]) + g_rest as f64;
-                gx_sum += total(&lanes[1]) + gx_rest as f64;
+                sums.0 += total(&lanes[0]) + rest[0] as f64;
+                sums.1 += total(&lanes[1]) + rest[1] as f64;
             }
         }
-        let (g_sum, gx_sum) = (g_sum as f32, gx_sum as f32);
-        let (g_mean, gx_mean) = batch.map_or((0.0, 0.0), |n| (g_sum / n, gx_sum / n));
-        let (g_mean_v, gx_mean_v, scale_v) = (_mm512_set1_ps(g_mean), _mm512_set1_ps(gx_mean), _mm512_set1_ps(scale));
+        let (sums, means) = Self::means(sums, batch);
+        let [g_mean_v, gx_mean_v, scale_v] = [means.0, means.1, self.scale].map(|v| _mm512_set1_ps(v));
         for (plane, dst) in out.iter_mut().enumerate() {
             let whole = dst.len() / 16 * 16;
             for at in (0..whole).step_by(16) {
@@ -443,11 +457,10 @@ impl ChannelGrad {
                 unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add(at).cast(), d) };
             }
             for j in whole..dst.len() {
-                let (x, g) = (xs[plane][j], before(gs[plane][j], ys[plane][j]));
-                dst[j].write(scale * (g - g_mean - (x - mean) * invstd * gx_mean));
+                dst[j].write(self.input_grad(xs[plane][j], ys[plane][j], gs[plane][j], means));
             }
         }
-        (g_sum, gx_sum)
+        sums
     }
 }
 

@@ -187,7 +187,7 @@ unsafe fn transposed_avx512(
     use std::arch::x86_64::*;
     let (panels, padded) = (inner.as_slice(), inner.padded_lines());
     let kc = dst.len() / (lines.div_ceil(width) * width);
-    let store = if width >= 16 { 0xffff } else { (1u16 << width) - 1 };
+    let store = lanes_below(width);
     // The packed operand's lines `depth0..depth0 + kc` panel by panel, and within each of its
     // panels this block's panels in turn: the reads run down the packed operand's panels in
     // order (block by panel, they jumped a panel for every block and waited on memory).
@@ -213,6 +213,12 @@ unsafe fn transposed_avx512(
             }
         }
     }
+}
+
+/// The mask of the first `n` of 16 lanes (all of them from 16 on).
+#[cfg(target_arch = "x86_64")]
+pub(super) fn lanes_below(n: usize) -> u16 {
+    if n >= 16 { u16::MAX } else { (1u16 << n) - 1 }
 }
 
 /// The transpose of 16 rows of 16 lanes: column `j` of the result holds lane `j` of every row.
@@ -358,13 +364,12 @@ unsafe fn strided_lines_avx512(
         _mm512_set1_epi32(line_stride as i32),
     );
     let step16 = _mm512_set1_epi32((16 * line_stride) as i32);
-    let below = |n: usize| if n >= 16 { 0xffff } else { (1u16 << n) - 1 };
     for (q, panel) in dst.chunks_exact_mut(width * kc).enumerate() {
         let n = lines - q * width;
         // Lines of the panel in each 16-lane half: stored, and of them read (the rest 0).
         let (store, read) = (
-            [below(width), below(width.saturating_sub(16))],
-            [below(n.min(width)), below(n.min(width).saturating_sub(16))],
+            [lanes_below(width), lanes_below(width.saturating_sub(16))],
+            [lanes_below(n.min(width)), lanes_below(n.min(width).saturating_sub(16))],
         );
         for (row, &s) in panel.chunks_exact_mut(width).zip(starts) {
             let base = _mm512_add_epi32(lanes, _mm512_set1_epi32((s + q * width * line_stride) as i32));

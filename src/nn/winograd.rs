@@ -24,9 +24,9 @@
 
 use super::batch_norm::ChannelAffine;
 use super::im2col::Patches;
-#[cfg(target_arch = "x86_64")]
-use super::sgemm::transpose16;
 use super::sgemm::{Mat, PackedRows, Transposed, sgemm_serial};
+#[cfg(target_arch = "x86_64")]
+use super::sgemm::{lanes_below, transpose16};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -112,13 +112,6 @@ struct Tiling {
     images: usize,
 }
 
-/// A run of tiles along one tile row: image `b`, tile row `iy`, tile columns `ix`.
-struct Run {
-    b: usize,
-    iy: usize,
-    ix: std::ops::Range<usize>,
-}
-
 impl Tiling {
     fn new(p: Patches, images: usize) -> Self {
         let out = p.out_hw();
@@ -131,18 +124,11 @@ impl Tiling {
         self.images * self.ys.len() * self.xs.len()
     }
 
-    /// Tiles `first..first + count` as runs along tile rows.
-    fn runs(&self, first: usize, count: usize) -> Vec<Run> {
-        let tx = self.xs.len();
-        let mut runs = Vec::new();
-        let mut t = first;
-        while t < first + count {
-            let (row, ix) = (t / tx, t % tx);
-            let end = tx.min(ix + first + count - t);
-            runs.push(Run { b: row / self.ys.len(), iy: row % self.ys.len(), ix: ix..end });
-            t += end - ix;
-        }
-        runs
+    /// Tile `t`'s image and first output `(b, y0, x0)`: tiles run along tile rows, row by row,
+    /// image by image.
+    fn tile(&self, t: usize) -> (usize, usize, usize) {
+        let (tx, ty) = (self.xs.len(), self.ys.len());
+        (t / (tx * ty), self.ys[t / tx % ty], self.xs[t % tx])
     }
 
     /// The input index of tap `j` (0..4) of the tile starting at output `o`, if inside `n`.
@@ -166,18 +152,18 @@ impl Tiling {
         let (c_in, h, w) = (self.p.channels, self.p.h, self.p.w);
         let (d, pad) = (self.p.dilation, self.p.padding);
         let (ph, pw) = (self.padded(&self.ys, h), self.padded(&self.xs, w));
-        let runs = self.runs(first, count);
-        let b0 = runs[0].b;
-        let images_read = runs[runs.len() - 1].b + 1 - b0;
+        let b0 = self.tile(first).0;
+        let images_read = self.tile(first + count - 1).0 + 1 - b0;
         // Per image of the chunk, the padded rows its tiles read; per tile, its first tap.
         let mut rows = vec![(usize::MAX, 0); images_read];
-        let mut corners = Vec::with_capacity(count);
-        for run in &runs {
-            let (y0, plane) = (self.ys[run.iy], (run.b - b0) * ph * pw);
-            let read = &mut rows[run.b - b0];
-            *read = (read.0.min(y0), read.1.max(y0 + 3 * d + 1));
-            corners.extend(self.xs[run.ix.clone()].iter().map(|&x0| plane + y0 * pw + x0));
-        }
+        let corners: Vec<usize> = (first..first + count)
+            .map(|t| {
+                let (b, y0, x0) = self.tile(t);
+                let read = &mut rows[b - b0];
+                *read = (read.0.min(y0), read.1.max(y0 + 3 * d + 1));
+                ((b - b0) * ph + y0) * pw + x0
+            })
+            .collect();
         let v = SharedOut(v.as_mut_ptr().cast());
         (0..c_in).into_par_iter().for_each_init(
             // Zero where no input lands (the padding), for every channel of the task.
@@ -213,14 +199,13 @@ impl Tiling {
         let plane = c_out * count;
         // Per tile: where its first output lies in channel 0's map, and which of its four
         // outputs (row-major) lie inside the map. The tiles go 16 at a time, across tile rows.
-        let mut tiles = Vec::with_capacity(count);
-        for run in self.runs(first, count) {
-            let y0 = self.ys[run.iy];
-            tiles.extend(self.xs[run.ix].iter().map(|&x0| {
-                let inside: [bool; 4] = std::array::from_fn(|i| y0 + i / 2 * d < oh && x0 + i % 2 * d < ow);
-                (run.b * c_out * oh * ow + y0 * ow + x0, inside)
-            }));
-        }
+        let tiles: Vec<(usize, [bool; 4])> = (first..first + count)
+            .map(|t| {
+                let (b, y0, x0) = self.tile(t);
+                let inside = std::array::from_fn(|i| y0 + i / 2 * d < oh && x0 + i % 2 * d < ow);
+                (b * c_out * oh * ow + y0 * ow + x0, inside)
+            })
+            .collect();
         let offsets: [usize; 4] = std::array::from_fn(|i| i / 2 * d * ow + i % 2 * d);
         (0..c_out).into_par_iter().for_each(|o| {
             for (g, group) in tiles.chunks(16).enumerate() {
@@ -302,7 +287,7 @@ unsafe fn kernel_lines_avx512(weight: &[f32], line_stride: usize, runs: &mut [&m
         // A prefetch never faults, wherever it points.
         _mm_prefetch::<_MM_HINT_T0>(weight.as_ptr().wrapping_add(i * line_stride + 16 * 9).cast());
     }
-    let mask = ((1u32 << n) - 1) as u16;
+    let mask = lanes_below(n);
     let lines: [i32; 16] = std::array::from_fn(|i| (i * line_stride) as i32);
     // SAFETY: 16 i32s.
     let lines = unsafe { _mm512_loadu_si512(lines.as_ptr().cast()) };
@@ -457,10 +442,10 @@ fn weight_gradient_in_chunks(p: Patches, x: &[f32], grad: &[f32], c_out: usize, 
 /// `maps` (`[B, C, P]`) with the channels last: `[B, P, C]`, 16 positions by 16 channels at a
 /// time transposed in registers on AVX-512.
 fn channels_last(maps: &[f32], channels: usize, plane: usize) -> Vec<f32> {
-    let mut out = unwritten(maps.len());
     if maps.is_empty() {
         return Vec::new();
     }
+    let mut out = unwritten(maps.len());
     let image = channels * plane;
     // Tasks of 16 positions of an image, all channels: contiguous in the output.
     out.par_chunks_mut(image).enumerate().for_each(|(b, out)| {
@@ -489,7 +474,7 @@ fn channels_last(maps: &[f32], channels: usize, plane: usize) -> Vec<f32> {
 unsafe fn channels_last_avx512(maps: &[f32], channels: usize, plane: usize, p0: usize, out: &mut [MaybeUninit<f32>]) {
     use std::arch::x86_64::*;
     let positions = out.len() / channels;
-    let read = ((1u32 << positions) - 1) as u16;
+    let read = lanes_below(positions);
     for c0 in (0..channels).step_by(16) {
         let n = 16.min(channels - c0);
         // SAFETY: the rows of channels below `n`, `positions` values each, lie inside `maps`.
@@ -500,7 +485,7 @@ unsafe fn channels_last_avx512(maps: &[f32], channels: usize, plane: usize, p0: 
                 _mm512_setzero_ps()
             }
         });
-        let store = ((1u32 << n) - 1) as u16;
+        let store = lanes_below(n);
         for (k, column) in transpose16(rows).into_iter().take(positions).enumerate() {
             // SAFETY: channels `c0..c0 + n` of position `k`, inside `out`.
             unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add(k * channels + c0).cast(), store, column) };
@@ -541,13 +526,10 @@ impl Tiling {
     ) {
         let (h, w) = if of_output { self.out } else { (self.p.h, self.p.w) };
         let d = self.p.dilation;
-        let tx = self.xs.len();
         let shared = SharedOut(out.as_mut_ptr().cast());
         (0..count).into_par_iter().with_min_len(8).for_each(|k| {
             let shared = &shared;
-            let t = first + k;
-            let (b, iy, ix) = (t / (tx * self.ys.len()), t / tx % self.ys.len(), t % tx);
-            let (y0, x0) = (self.ys[iy], self.xs[ix]);
+            let (b, y0, x0) = self.tile(first + k);
             let image = &maps[b * channels * h * w..][..channels * h * w];
             // The tile's taps as positions in the map, `None` outside it: 4 output gradient taps
             // (2x2) or 16 input taps (4x4), row-major.
@@ -599,7 +581,7 @@ unsafe fn by_channels_avx512(image: &[f32], taps: &[Option<usize>], channels: us
     use std::arch::x86_64::*;
     for c0 in (0..channels).step_by(16) {
         let n = 16.min(channels - c0);
-        let mask = ((1u32 << n) - 1) as u16;
+        let mask = lanes_below(n);
         // SAFETY: the caller's: each tap of the channels below `n` lies inside `image`.
         let tap = |j: usize| match taps[j] {
             Some(at) => unsafe { _mm512_maskz_loadu_ps(mask, image.as_ptr().add(at * channels + c0)) },
@@ -643,7 +625,7 @@ unsafe fn kernel_adjoint_avx512(du: &[f32], plane: usize, dw: &mut [MaybeUninit<
     use std::arch::x86_64::*;
     let n = dw.len() / 9;
     assert!(n <= 16 && 15 * plane + n <= du.len(), "kernel_adjoint_avx512: pairs past ∂U");
-    let mask = ((1u32 << n) - 1) as u16;
+    let mask = lanes_below(n);
     // SAFETY: lanes below `n` lie inside `du` (asserted); the others are masked off.
     let u: [[__m512; 4]; 4] = std::array::from_fn(|a| {
         std::array::from_fn(|b| unsafe { _mm512_maskz_loadu_ps(mask, du.as_ptr().add((a * 4 + b) * plane)) })
@@ -695,7 +677,7 @@ fn lanes(offsets: &[usize]) -> (u16, std::arch::x86_64::__m512i) {
     let lanes: [i32; 16] = std::array::from_fn(|l| offsets.get(l).map_or(0, |&x| x as i32));
     // SAFETY: 16 i32s.
     let lanes = unsafe { std::arch::x86_64::_mm512_loadu_si512(lanes.as_ptr().cast()) };
-    (((1u32 << offsets.len()) - 1) as u16, lanes)
+    (lanes_below(offsets.len()), lanes)
 }
 
 /// [`input_tiles`] with 16 tiles in the lanes: a gather per tap, the transform on vectors.
@@ -755,7 +737,7 @@ fn output_tiles(m: &[f32], e_stride: usize, n: usize) -> [[f32; 16]; 4] {
 #[target_feature(enable = "avx512f")]
 unsafe fn output_tiles_avx512(m: &[f32], e_stride: usize, n: usize) -> [[f32; 16]; 4] {
     use std::arch::x86_64::*;
-    let mask = ((1u32 << n) - 1) as u16;
+    let mask = lanes_below(n);
     // SAFETY: the caller's: lanes below `n` lie inside `m`.
     let p: [[__m512; 4]; 4] = std::array::from_fn(|i| {
         std::array::from_fn(|j| unsafe { _mm512_maskz_loadu_ps(mask, m.as_ptr().add((i * 4 + j) * e_stride)) })
